@@ -1,0 +1,1 @@
+"""Kernels with their pure-torch references (installed as ``roast_vllm.kernels``)."""

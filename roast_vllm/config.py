@@ -1,0 +1,67 @@
+"""``RoastConfig``: the engine-side steering configuration.
+
+Given as ``additional_config={"roast": {...}}`` (``--additional-config`` for
+``vllm serve``); ``roast_vllm.LLM`` fills it in for you.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from roast_vllm import envs
+
+CONFIG_KEY = "roast"
+
+
+@dataclass
+class RoastConfig:
+    max_steering_slots: int = 64
+    """How many distinct steering configurations (vector, scale, layers) may be in one
+    running batch. Requests beyond that wait in the queue for a slot; they are never run
+    unsteered. Memory: ``layers * (slots + 1) * hidden`` elements of the model dtype."""
+
+    vectors: dict[str, str] = field(default_factory=dict)
+    """``{name: path to a .safetensors SteeringVector}`` loaded by every worker at start
+    (the server-side way to make vectors available)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_steering_slots, bool) or not isinstance(self.max_steering_slots, int):
+            raise ValueError(f"max_steering_slots must be an int, got {self.max_steering_slots!r}")
+        if self.max_steering_slots < 1:
+            raise ValueError(f"max_steering_slots must be >= 1, got {self.max_steering_slots}")
+        if not isinstance(self.vectors, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.vectors.items()
+        ):
+            raise ValueError(f"roast 'vectors' must map names to file paths, got {self.vectors!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> RoastConfig:
+        d = dict(d or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown roast config keys {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config) -> RoastConfig | None:
+        extra = getattr(vllm_config, "additional_config", None) or {}
+        if CONFIG_KEY not in extra:
+            return None
+        return cls.from_dict(extra[CONFIG_KEY])
+
+    @classmethod
+    def from_env(cls) -> RoastConfig | None:
+        raw = envs.get("ROAST_VLLM_CONFIG")
+        if not raw:
+            return None
+        try:
+            return cls.from_dict(json.loads(raw))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"ROAST_VLLM_CONFIG is not valid JSON: {e}") from e

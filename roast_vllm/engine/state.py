@@ -1,0 +1,266 @@
+"""Worker-side steering state: the buffers the steered model reads on every forward.
+
+Shapes (``L`` layers, ``S = max_steering_slots + 1`` slots, ``H`` hidden, ``R`` =
+``max_num_seqs`` batch rows, ``T`` = max tokens per step)::
+
+    table       [L, S, H]  model dtype; table[l, s] = scale_s * v_s[l] (0 where slot s
+                           does not steer layer l); slot 0 is all zeros = "no steering"
+    token_slot  [T]        int64, the slot of each token of the current step
+    row_slot    [R]        slot of the request in each persistent-batch row
+    row_lo/hi   [R]        steered absolute positions [lo, hi) of each row
+
+Why this layout: inside the compiled graph each layer does one gather and one add,
+``h += table[l][token_slot[:n]]``, reading tensors that are updated in place, so
+torch.compile never bakes a vector or a batch composition into the graph, and any mix
+of requests (steered or not, prefill chunks and decodes) runs in one batch. Rows whose
+slot is 0 add exact zeros, which leaves them bit-identical.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from roast_vllm.engine.spec import SteerSpec
+from roast_vllm.vector import SteeringVector, SteeringVectorError
+
+logger = logging.getLogger("roast_vllm")
+
+_STATE: SteeringState | None = None
+
+
+def get_state() -> SteeringState | None:
+    """The steering state of this process's steered model (None if there is none)."""
+    return _STATE
+
+
+def set_state(state: SteeringState | None) -> None:
+    global _STATE
+    _STATE = state
+
+
+@dataclass
+class _Slot:
+    index: int
+    key: tuple
+    refs: int = 0
+
+
+class SteeringState(nn.Module):
+    def __init__(
+        self,
+        num_layers: int,
+        hidden_size: int,
+        max_slots: int,
+        max_num_seqs: int,
+        max_num_tokens: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__()
+        self.num_layers = num_layers
+        self.hidden_size = hidden_size
+        self.max_slots = max_slots
+        self.max_num_seqs = max_num_seqs
+        self.max_num_tokens = max_num_tokens
+        self.register_buffer(
+            "table", torch.zeros(num_layers, max_slots + 1, hidden_size, dtype=dtype, device=device),
+            persistent=False,
+        )
+        self.register_buffer(
+            "token_slot", torch.zeros(max_num_tokens, dtype=torch.long, device=device),
+            persistent=False,
+        )
+        self.register_buffer(
+            "_arange", torch.arange(max_num_tokens, dtype=torch.int32, device=device),
+            persistent=False,
+        )
+        # Host-side per-row state (the tracker writes it), mirrored to the device.
+        self.row_slot_cpu = torch.zeros(max_num_seqs, dtype=torch.long)
+        self.row_lo_cpu = torch.zeros(max_num_seqs, dtype=torch.long)
+        self.row_hi_cpu = torch.zeros(max_num_seqs, dtype=torch.long)
+        self.register_buffer("row_slot", self.row_slot_cpu.clone().to(device), persistent=False)
+        self.register_buffer("row_lo", self.row_lo_cpu.clone().to(device), persistent=False)
+        self.register_buffer("row_hi", self.row_hi_cpu.clone().to(device), persistent=False)
+        self._rows_dirty = False
+        self._tokens_dirty = False
+        self.num_steered_rows = 0
+
+        self.vectors: dict[str, SteeringVector] = {}
+        self._slots: dict[tuple, _Slot] = {}
+        self._slot_by_index: dict[int, _Slot] = {}
+        self._free = list(range(max_slots, 0, -1))  # pop() gives 1, 2, ...
+        self._row_spec: dict[int, int] = {}  # row -> slot index
+
+    # ------------------------------------------------------------ vectors
+    def register_vector(self, name: str, vector: SteeringVector) -> None:
+        if vector.site != "residual":
+            raise SteeringVectorError(
+                f"vector {name!r} targets site {vector.site!r}; this engine steers the "
+                "residual stream only"
+            )
+        vector.validate_for(self.num_layers, self.hidden_size)
+        self.vectors[name] = vector
+        # Slots built from the old vector keep serving the requests that hold them;
+        # unreferenced ones are dropped so later requests rebuild from the new vector.
+        for key, slot in list(self._slots.items()):
+            if key[0] == name:
+                del self._slots[key]
+                if slot.refs == 0:
+                    self._release_index(slot)
+                else:
+                    slot.key = ("<replaced>",) + key
+
+    def _release_index(self, slot: _Slot) -> None:
+        self._slot_by_index.pop(slot.index, None)
+        self._free.append(slot.index)
+
+    # -------------------------------------------------------------- slots
+    def acquire(self, spec: SteerSpec) -> int:
+        key = spec.slot_key
+        slot = self._slots.get(key)
+        if slot is None:
+            vec = self.vectors.get(spec.vector)
+            if vec is None:
+                raise SteeringVectorError(f"unknown steering vector {spec.vector!r}")
+            if not self._free:
+                raise RuntimeError(
+                    f"roast-vllm: all {self.max_slots} steering slots are in use; the "
+                    "scheduler should have held this request back (please report)"
+                )
+            index = self._free.pop()
+            layers = spec.layers if spec.layers is not None else tuple(vec.layers)
+            rows = torch.zeros(self.num_layers, self.hidden_size, dtype=torch.float32)
+            for l in layers:
+                rows[l] = spec.scale * vec.directions[l]
+            self.table[:, index].copy_(rows.to(self.table.dtype))
+            slot = _Slot(index, key)
+            self._slots[key] = slot
+            self._slot_by_index[index] = slot
+        slot.refs += 1
+        return slot.index
+
+    def release(self, index: int) -> None:
+        slot = self._slot_by_index.get(index)
+        if slot is None:
+            return
+        slot.refs -= 1
+        if slot.refs <= 0:
+            if self._slots.get(slot.key) is slot:
+                del self._slots[slot.key]
+            self._release_index(slot)
+
+    def active_slots(self) -> int:
+        return len(self._slot_by_index)
+
+    # --------------------------------------------------------------- rows
+    def set_row(self, row: int, spec: SteerSpec | None, prompt_len: int) -> None:
+        self.clear_row(row)
+        if spec is None:
+            return
+        try:
+            index = self.acquire(spec)
+        except SteeringVectorError:
+            # Unreachable when the front end validated the request; never crash the
+            # engine for it, and say so loudly.
+            logger.error("roast-vllm: request in row %d names an unknown vector %r; "
+                         "it runs UNSTEERED", row, spec.vector)
+            return
+        lo, hi = spec.token_range(prompt_len)
+        self._row_spec[row] = index
+        self.row_slot_cpu[row] = index
+        self.row_lo_cpu[row] = lo
+        self.row_hi_cpu[row] = hi
+        self.num_steered_rows += 1
+        self._rows_dirty = True
+
+    def clear_row(self, row: int) -> None:
+        index = self._row_spec.pop(row, None)
+        if index is None:
+            return
+        self.release(index)
+        self.row_slot_cpu[row] = 0
+        self.num_steered_rows -= 1
+        self._rows_dirty = True
+
+    def move_row(self, src: int, dst: int, swap: bool) -> None:
+        a, b = self._row_spec.pop(src, None), self._row_spec.pop(dst, None)
+        if swap:
+            if a is not None:
+                self._row_spec[dst] = a
+            if b is not None:
+                self._row_spec[src] = b
+            for t in (self.row_slot_cpu, self.row_lo_cpu, self.row_hi_cpu):
+                t[src], t[dst] = t[dst].clone(), t[src].clone()
+        else:
+            if b is not None:  # dst's occupant is replaced
+                self.release(b)
+                self.num_steered_rows -= 1
+            if a is not None:
+                self._row_spec[dst] = a
+            for t in (self.row_slot_cpu, self.row_lo_cpu, self.row_hi_cpu):
+                t[dst] = t[src]
+            self.row_slot_cpu[src] = 0
+        self._rows_dirty = True
+
+    def sync_rows(self) -> None:
+        if self._rows_dirty:
+            self.row_slot.copy_(self.row_slot_cpu, non_blocking=True)
+            self.row_lo.copy_(self.row_lo_cpu, non_blocking=True)
+            self.row_hi.copy_(self.row_hi_cpu, non_blocking=True)
+            self._rows_dirty = False
+
+    # ------------------------------------------------------------ forward
+    def prepare(self, positions: torch.Tensor) -> None:
+        """Fill ``token_slot[:n]`` for this step (runs eagerly, before the compiled model).
+
+        Token ``t`` belongs to row ``r`` where ``query_start_loc[r] <= t <
+        query_start_loc[r+1]``; it is steered with ``row_slot[r]`` when its absolute
+        position lies in ``[row_lo[r], row_hi[r])``, else it gets slot 0.
+        """
+        n = positions.shape[0]
+        if n > self.max_num_tokens:
+            raise RuntimeError(
+                f"roast-vllm: step has {n} tokens but steering buffers hold "
+                f"{self.max_num_tokens}; raise max_num_batched_tokens consistently"
+            )
+        if self.num_steered_rows == 0:
+            if self._tokens_dirty:
+                self.token_slot.zero_()
+                self._tokens_dirty = False
+            return
+        qsl = _query_start_loc()
+        if qsl is None:  # profiling / dummy runs: no real requests
+            self.token_slot[:n].zero_()
+            return
+        num_reqs = qsl.numel() - 1
+        ar = self._arange[:n]
+        tok_row = torch.searchsorted(qsl[1:].to(torch.int32), ar, right=True).clamp_(max=num_reqs - 1)
+        pos = positions.to(torch.long)
+        keep = (ar < qsl[num_reqs]) & (pos >= self.row_lo[tok_row]) & (pos < self.row_hi[tok_row])
+        torch.mul(self.row_slot[tok_row], keep, out=self.token_slot[:n])
+        self._tokens_dirty = True
+
+    def delta(self, layer: int, n: int) -> torch.Tensor:
+        """``[n, H]`` steering to add after ``layer`` (traced into the compiled graph)."""
+        return self.table[layer].index_select(0, self.token_slot[:n])
+
+
+def _query_start_loc() -> torch.Tensor | None:
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return None
+    meta = get_forward_context().attn_metadata
+    if isinstance(meta, list):
+        meta = meta[0] if meta else None
+    if not meta:
+        return None
+    for m in meta.values():
+        qsl = getattr(m, "query_start_loc", None)
+        if qsl is not None:
+            return qsl
+    return None

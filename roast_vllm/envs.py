@@ -1,0 +1,42 @@
+"""Every environment variable roast-vllm reads, in one place (as vLLM's ``envs.py``).
+
+Read lazily through :func:`get`, so tests may set them with ``monkeypatch.setenv``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: name -> (default, what it does)
+ENV_VARS: dict[str, tuple[str | None, str]] = {
+    "ROAST_VLLM_CACHE_DIR": (
+        None,
+        "Where prepared models live (default: $XDG_CACHE_HOME/roast-vllm or ~/.cache/roast-vllm).",
+    ),
+    "ROAST_VLLM_MODEL": (
+        None,
+        "Model folder used by the CLI, demo, tests and benchmarks when no --model is given "
+        "(default: the prepared embedded SmolLM2-135M-Instruct).",
+    ),
+    "ROAST_VLLM_CONFIG": (
+        None,
+        "JSON of the server's roast config (same as --additional-config's 'roast' entry); lets "
+        "the API-server process validate vector names and layers at submission. "
+        "`roast-vllm serve` sets it.",
+    ),
+}
+
+
+def get(name: str) -> str | None:
+    if name not in ENV_VARS:
+        raise KeyError(f"unknown roast-vllm env var {name!r}; known: {sorted(ENV_VARS)}")
+    return os.environ.get(name, ENV_VARS[name][0])
+
+
+def cache_dir() -> Path:
+    explicit = get("ROAST_VLLM_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "roast-vllm"

