@@ -32,15 +32,25 @@ def steering_engine_kwargs(
     kw["logits_processors"] = [*(kw.get("logits_processors") or []), TRACKER]
     if kw.get("scheduler_cls"):
         raise ValueError("roast-vllm needs its own scheduler_cls; a custom one cannot be combined")
-    from roast_vllm.engine.scheduler import QUALNAME as SCHEDULER
+    from roast_vllm.engine.scheduler import ASYNC_QUALNAME, QUALNAME
     from roast_vllm.engine.worker import QUALNAME as WORKER
 
-    kw["scheduler_cls"] = SCHEDULER
+    # Subclassing the wrong one of vLLM's two schedulers would silently turn async
+    # scheduling off; vLLM's CPU platform never uses it.
+    kw["scheduler_cls"] = ASYNC_QUALNAME if _async_scheduling(kw) else QUALNAME
     if kw.get("worker_extension_cls"):
         raise ValueError("roast-vllm needs its own worker_extension_cls; a custom one cannot be combined")
     kw["worker_extension_cls"] = WORKER
     kw["additional_config"] = {**(kw.get("additional_config") or {}), CONFIG_KEY: cfg.to_dict()}
     return kw
+
+
+def _async_scheduling(kw: dict[str, Any]) -> bool:
+    if kw.get("async_scheduling") is not None:
+        return bool(kw["async_scheduling"])
+    from vllm.platforms import current_platform
+
+    return not current_platform.is_cpu()
 
 
 def LLM(

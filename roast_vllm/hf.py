@@ -1,0 +1,118 @@
+"""Hugging Face transformers helpers: the independent forward-hook reference for
+steering, and residual-stream capture (used by ``roast-vllm caa``).
+
+The residual stream after decoder layer ``l`` is ``model.model.layers[l]``'s output
+(``output_hidden_states[l + 1]``); steering adds ``scale * v_l`` to it with a forward
+hook, as repeng / steering-vectors do.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from roast_vllm.engine.spec import SteerSpec
+from roast_vllm.vector import SteeringVector
+
+
+def load_hf(model_dir: str, dtype: torch.dtype = torch.bfloat16):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model.eval()
+    return model, tok
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    return model.model.layers
+
+
+@contextmanager
+def steering_hooks(model, vector: SteeringVector, spec: SteerSpec, prompt_len: int):
+    """Add ``spec.scale * v_l`` to the output of each steered layer, at the absolute
+    positions ``spec.token_range(prompt_len)`` (inputs must start at position 0)."""
+    layers = spec.layers if spec.layers is not None else tuple(vector.layers)
+    lo, hi = spec.token_range(prompt_len)
+    handles = []
+    for l in layers:
+        def hook(_mod, _inp, out, l=l):
+            h = out[0] if isinstance(out, tuple) else out
+            delta = (spec.scale * vector.directions[l]).to(h.dtype)
+            pos = torch.arange(h.shape[-2], device=h.device)
+            mask = ((pos >= lo) & (pos < hi)).to(h.dtype)[:, None]
+            h = h + mask * delta.to(h.device)
+            return (h, *out[1:]) if isinstance(out, tuple) else h
+
+        handles.append(decoder_layers(model)[l].register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for hd in handles:
+            hd.remove()
+
+
+@torch.no_grad()
+def greedy_reference(model, prompt_ids: list[int], max_new_tokens: int, vector=None, spec=None):
+    """Greedy decoding without a KV cache (every step re-reads the whole sequence, so the
+    hook sees absolute positions). Returns ``(token_ids, logprobs [steps, vocab])``."""
+    ids = list(prompt_ids)
+    out, lps = [], []
+    for _ in range(max_new_tokens):
+        x = torch.tensor([ids])
+        if vector is not None and spec is not None:
+            with steering_hooks(model, vector, spec, len(prompt_ids)):
+                logits = model(x, use_cache=False).logits[0, -1]
+        else:
+            logits = model(x, use_cache=False).logits[0, -1]
+        lp = torch.log_softmax(logits.float(), -1)
+        t = int(lp.argmax())
+        out.append(t)
+        lps.append(lp)
+        ids.append(t)
+    return out, torch.stack(lps)
+
+
+@torch.no_grad()
+def teacher_forced_logprobs(model, prompt_ids, gen_ids, vector=None, spec=None) -> torch.Tensor:
+    """``[len(gen_ids), vocab]`` log-probs of each next token given prompt + gen prefix."""
+    x = torch.tensor([list(prompt_ids) + list(gen_ids)])
+    if vector is not None and spec is not None:
+        with steering_hooks(model, vector, spec, len(prompt_ids)):
+            logits = model(x, use_cache=False).logits[0]
+    else:
+        logits = model(x, use_cache=False).logits[0]
+    p = len(prompt_ids)
+    return torch.log_softmax(logits[p - 1 : p - 1 + len(gen_ids)].float(), -1)
+
+
+@torch.no_grad()
+def capture_residual(model, tok, texts: list[str], layers: list[int], reduce: str = "last",
+                     progress: bool = True) -> torch.Tensor:
+    """Residual stream after each layer in ``layers`` for each text:
+    ``[len(layers), len(texts), hidden]`` float32. ``reduce``: ``last`` token or ``mean``
+    over tokens."""
+    from tqdm import tqdm
+
+    outs = []
+    captured: dict[int, torch.Tensor] = {}
+
+    def make_hook(l):
+        def hook(_mod, _inp, out):
+            captured[l] = (out[0] if isinstance(out, tuple) else out)[0].float()
+
+        return hook
+
+    # hooks, not output_hidden_states: HF's last hidden state is taken after the final norm
+    handles = [decoder_layers(model)[l].register_forward_hook(make_hook(l)) for l in layers]
+    try:
+        for t in tqdm(texts, desc="capturing activations", disable=not progress):
+            ids = tok(t, return_tensors="pt").input_ids  # one at a time: no padding to get wrong
+            model(ids, use_cache=False)
+            outs.append(torch.stack([captured[l][-1] if reduce == "last" else captured[l].mean(0)
+                                     for l in layers]))
+    finally:
+        for hd in handles:
+            hd.remove()
+    return torch.stack(outs).transpose(0, 1).contiguous()

@@ -1,0 +1,82 @@
+"""Shared test fixtures. Engines are expensive on this CPU-only machine (~40 s eager,
+~200 s compiled), so each test module starts at most one roast engine (plus, where a
+comparison needs it, one stock engine that is shut down before the roast one starts)."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+
+# vLLM spawns engine processes; keep test engines small and deterministic.
+ENGINE_DEFAULTS = dict(gpu_memory_utilization=0.15, max_model_len=1024, seed=0)
+
+# Greedy decoding with bf16 logits meets exact ties often (logits are quantized to
+# 1/16..1/8 at this magnitude); these prompts reach their first tie late, so comparisons
+# across engines cover most tokens (see assert_greedy_match).
+PROMPTS = [
+    "Q: What is 12 + 30? A:",
+    "A good friend is someone who",
+    "The theory of relativity was proposed by",
+    "The best way to learn programming is",
+    "The largest planet in the solar system is",
+    "In 1969, astronauts",
+]
+
+#: top-1 minus top-2 log-prob at or below which a greedy step is a (near) tie: one bf16
+#: ulp of a logit in [16, 32). Past a tie, two correct engines may pick different tokens.
+TIE_NATS = 0.13
+
+
+def pytest_configure(config):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> str:
+    from roast_vllm.model_prep import default_model
+
+    return default_model()
+
+
+def shutdown(llm) -> None:
+    """Stop an engine's processes now (one engine at a time on this machine)."""
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # already gone
+        pass
+    del llm
+    gc.collect()
+
+
+def texts(outputs) -> list[str]:
+    return [o.outputs[0].text for o in outputs]
+
+
+def token_ids(outputs) -> list[list[int]]:
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def first_tie(output, tie: float = TIE_NATS) -> int:
+    """Index of the first greedy step whose top-2 margin is <= ``tie`` (needs logprobs>=2)."""
+    for i, lp in enumerate(output.outputs[0].logprobs):
+        v = sorted((x.logprob for x in lp.values()), reverse=True)
+        if len(v) > 1 and v[0] - v[1] <= tie:
+            return i
+    return len(output.outputs[0].token_ids)
+
+
+def assert_greedy_match(ref_outputs, test_ids, min_coverage: float = 0.5) -> float:
+    """Greedy outputs of two engines (or batch shapes) must be token-identical up to the
+    reference's first near tie; at least ``min_coverage`` of all tokens must be compared
+    so the check cannot pass vacuously. Returns the coverage."""
+    compared = total = 0
+    for k, (o, t) in enumerate(zip(ref_outputs, test_ids, strict=True)):
+        ref = list(o.outputs[0].token_ids)
+        stop = first_tie(o)
+        assert list(t)[:stop] == ref[:stop], f"request {k} differs before its first tie (step {stop})"
+        compared += stop
+        total += len(ref)
+    assert compared / total >= min_coverage, f"only {compared}/{total} tokens before a tie"
+    return compared / total

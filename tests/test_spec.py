@@ -1,0 +1,79 @@
+"""Parsing and validating per-request steer_* keys (no engine)."""
+
+import pytest
+
+from roast_vllm.engine.spec import (
+    SteerSpec,
+    SteeringRequestError,
+    VectorInfo,
+    check_against,
+    parse_steer_args,
+)
+
+
+def test_no_keys_is_none():
+    assert parse_steer_args(None) is None
+    assert parse_steer_args({}) is None
+    assert parse_steer_args({"other": 1}) is None
+
+
+def test_defaults_and_xargs_strings():
+    s = parse_steer_args({"steer_vector": "v"})
+    assert s == SteerSpec("v", 1.0, None, "all")
+    # vllm serve's vllm_xargs send strings / lists
+    s = parse_steer_args({"steer_vector": "v", "steer_scale": "2.5", "steer_layers": "3, 1,3",
+                          "steer_positions": "generated"})
+    assert s == SteerSpec("v", 2.5, (1, 3), "generated")
+    assert parse_steer_args({"steer_vector": "v", "steer_layers": [4, 2]}).layers == (2, 4)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ({"steer_scale": 1.0}, "without steer_vector"),
+        ({"steer_vector": ""}, "vector name"),
+        ({"steer_vector": 3}, "vector name"),
+        ({"steer_vector": "v", "steer_scale": float("nan")}, "finite"),
+        ({"steer_vector": "v", "steer_scale": "inf"}, "finite"),
+        ({"steer_vector": "v", "steer_scale": "big"}, "number"),
+        ({"steer_vector": "v", "steer_layers": [1.5]}, "ints"),
+        ({"steer_vector": "v", "steer_layers": [-1]}, ">= 0"),
+        ({"steer_vector": "v", "steer_layers": []}, "empty"),
+        ({"steer_vector": "v", "steer_positions": "middle"}, "not one of"),
+        ({"steer_vector": "v", "steer_scael": 1}, "unknown steering keys"),
+    ],
+    ids=["no-vector", "empty-name", "int-name", "nan-scale", "inf-scale", "text-scale",
+         "float-layer", "negative-layer", "empty-layers", "bad-positions", "typo-key"],
+)
+def test_bad_args(args, match):
+    with pytest.raises(SteeringRequestError, match=match):
+        parse_steer_args(args)
+
+
+def test_check_against_registry():
+    vecs = {"v": VectorInfo(layers=(0, 1, 2), dim=576, site="residual")}
+    check_against(SteerSpec("v", layers=(1,)), vecs, 30)
+    with pytest.raises(SteeringRequestError, match="unknown steering vector 'w'"):
+        check_against(SteerSpec("w"), vecs, 30)
+    with pytest.raises(SteeringRequestError, match="out of range.*30 layers"):
+        check_against(SteerSpec("v", layers=(31,)), vecs, 30)
+    with pytest.raises(SteeringRequestError, match="no direction for layers \\[5\\]"):
+        check_against(SteerSpec("v", layers=(5,)), vecs, 30)
+
+
+@pytest.mark.parametrize(
+    "positions, plen, expected",
+    [("all", 5, (0, 1 << 62)), ("prompt", 5, (0, 5)), ("generated", 5, (5, 1 << 62)),
+     ("last_prompt_and_generated", 5, (4, 1 << 62))],
+)
+def test_token_range(positions, plen, expected):
+    assert SteerSpec("v", positions=positions).token_range(plen) == expected
+
+
+def test_cache_salt_distinguishes_configs():
+    a = SteerSpec("v", 1.0, None, "all").cache_salt()
+    assert a == SteerSpec("v", 1.0, None, "all").cache_salt()
+    assert a != SteerSpec("v", 2.0, None, "all").cache_salt()
+    assert a != SteerSpec("v", 1.0, (1,), "all").cache_salt()
+    assert a != SteerSpec("v", 1.0, None, "prompt").cache_salt()
+    assert a != SteerSpec("w", 1.0, None, "all").cache_salt()

@@ -1,0 +1,91 @@
+"""SteeringState bookkeeping without an engine: slots, rows, moves, token mapping."""
+
+import pytest
+import torch
+
+from roast_vllm import SteeringVector
+from roast_vllm.engine import state as state_mod
+from roast_vllm.engine.spec import SteerSpec
+from roast_vllm.engine.state import SteeringState
+
+L, H = 4, 8
+
+
+@pytest.fixture
+def st():
+    s = SteeringState(L, H, max_slots=2, max_num_seqs=4, max_num_tokens=32, dtype=torch.float32)
+    s.register_vector("a", SteeringVector(directions={1: torch.ones(H), 2: 2 * torch.ones(H)}))
+    s.register_vector("b", SteeringVector(directions={l: -torch.ones(H) for l in range(L)}))
+    return s
+
+
+def test_slot_table_rows(st):
+    i = st.acquire(SteerSpec("a", scale=3.0, layers=(2,)))
+    assert i >= 1
+    assert torch.equal(st.table[2, i], torch.full((H,), 6.0))
+    assert torch.count_nonzero(st.table[1, i]) == 0  # layer 1 not selected
+    assert torch.count_nonzero(st.table[:, 0]) == 0  # slot 0 is "no steering"
+    j = st.acquire(SteerSpec("a", scale=3.0, layers=(2,)))
+    assert j == i and st.active_slots() == 1  # shared config, shared slot
+    st.release(i)
+    st.release(j)
+    assert st.active_slots() == 0
+
+
+def test_slot_exhaustion_is_loud(st):
+    st.acquire(SteerSpec("a", 1.0))
+    st.acquire(SteerSpec("a", 2.0))
+    with pytest.raises(RuntimeError, match="slots are in use"):
+        st.acquire(SteerSpec("a", 3.0))
+
+
+def test_replaced_vector_keeps_running_slot(st):
+    i = st.acquire(SteerSpec("a", 1.0))
+    before = st.table[:, i].clone()
+    st.register_vector("a", SteeringVector(directions={1: 5 * torch.ones(H)}))
+    assert torch.equal(st.table[:, i], before)  # running request unaffected
+    k = st.acquire(SteerSpec("a", 1.0))
+    assert k != i and torch.equal(st.table[1, k], 5 * torch.ones(H))
+
+
+def test_rows_moves_and_token_slots(st, monkeypatch):
+    st.set_row(0, SteerSpec("a", 1.0, positions="generated"), prompt_len=3)
+    st.set_row(1, None, prompt_len=2)
+    st.set_row(2, SteerSpec("b", 1.0, positions="prompt"), prompt_len=2)
+    st.sync_rows()
+    # step: row0 decodes 1 token at pos 3; row1 prefills 2; row2 prefills 2 (+ padding)
+    qsl = torch.tensor([0, 1, 3, 5], dtype=torch.int32)
+    monkeypatch.setattr(state_mod, "_query_start_loc", lambda: qsl)
+    positions = torch.tensor([3, 0, 1, 0, 1, 0])
+    st.prepare(positions)
+    sa, sb = st.row_slot_cpu[0].item(), st.row_slot_cpu[2].item()
+    assert st.token_slot[:6].tolist() == [sa, 0, 0, sb, sb, 0]
+    # swap rows 0 and 2, then a one-way move 2 -> 1 (row 1's occupant is replaced)
+    st.move_row(0, 2, swap=True)
+    st.move_row(2, 1, swap=False)
+    st.sync_rows()
+    assert st.row_slot_cpu.tolist()[:3] == [sb, sa, 0]
+    assert st.num_steered_rows == 2
+    st.clear_row(0)
+    st.clear_row(1)
+    assert st.num_steered_rows == 0 and st.active_slots() == 0
+    st.prepare(positions)
+    assert torch.count_nonzero(st.token_slot) == 0
+
+
+def test_delta_is_exact_zero_for_slot_zero(st):
+    st.set_row(0, SteerSpec("b", 1.0), prompt_len=1)
+    st.sync_rows()
+    st.token_slot[:3] = torch.tensor([0, st.row_slot_cpu[0].item(), 0])
+    d = st.delta(3, 3)
+    assert torch.count_nonzero(d[0]) == 0 and torch.count_nonzero(d[2]) == 0
+    assert torch.equal(d[1], -torch.ones(H))
+
+
+def test_register_checks_model_fit(st):
+    from roast_vllm import SteeringVectorError
+
+    with pytest.raises(SteeringVectorError, match="size 3"):
+        st.register_vector("x", SteeringVector(directions={0: torch.ones(3)}))
+    with pytest.raises(SteeringVectorError, match="4 layers"):
+        st.register_vector("x", SteeringVector(directions={9: torch.ones(H)}))
