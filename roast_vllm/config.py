@@ -27,6 +27,10 @@ class RoastConfig:
     """``{name: path to a .safetensors SteeringVector}`` loaded by every worker at start
     (the server-side way to make vectors available)."""
 
+    num_layers: int | None = None
+    """The model's layer count, recorded by ``roast_vllm`` so a front end that has no
+    model (the API server process) can check ``steer_layers`` ranges at submission."""
+
     def __post_init__(self) -> None:
         if isinstance(self.max_steering_slots, bool) or not isinstance(self.max_steering_slots, int):
             raise ValueError(f"max_steering_slots must be an int, got {self.max_steering_slots!r}")

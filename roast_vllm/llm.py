@@ -23,7 +23,8 @@ def steering_engine_kwargs(
     archs = (vllm_kwargs.get("hf_overrides") or {}).get("architectures") or dims["architectures"]
     if not archs:
         raise ValueError(f"{model}: config.json names no architecture")
-    cfg = RoastConfig(max_steering_slots=max_steering_slots, vectors=dict(vectors or {}))
+    cfg = RoastConfig(max_steering_slots=max_steering_slots, vectors=dict(vectors or {}),
+                      num_layers=dims["num_layers"])
     kw = dict(vllm_kwargs)
     kw["model"] = model
     kw["hf_overrides"] = {**(kw.get("hf_overrides") or {}), "architectures": [steered_arch(archs[0])]}

@@ -18,14 +18,15 @@ pytestmark = pytest.mark.engine
 def make_checkpoint(family: str, out, tokenizer_dir: str) -> str:
     import transformers
 
-    common = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=49152, max_position_embeddings=1024,
+    # head_dim 64: vLLM's CPU attention kernels support 32/64/80/96/112/128/...
+    common = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2,
+                  num_key_value_heads=1, vocab_size=49152, max_position_embeddings=1024,
                   tie_word_embeddings=False, initializer_range=0.3)
     if family == "qwen2":
         cfg = transformers.Qwen2Config(**common)
         cls = transformers.Qwen2ForCausalLM
     else:
-        cfg = transformers.Qwen3Config(head_dim=16, **common)
+        cfg = transformers.Qwen3Config(head_dim=64, **common)
         cls = transformers.Qwen3ForCausalLM
     torch.manual_seed(0)
     model = cls(cfg).to(torch.float32)
@@ -46,10 +47,10 @@ def test_family_steering_matches_hf_reference(family, model_dir, tmp_path):
     llm = roast_vllm.LLM(ckpt, dtype="float32", enforce_eager=True, **ENGINE_DEFAULTS)
     try:
         assert llm.llm_engine.vllm_config.model_config.architectures == ["Roast" + arch]
-        vec = SteeringVector.random(4, 64, seed=5)
+        vec = SteeringVector.random(4, 128, seed=5)
         roast_vllm.register_vector(llm, "v", vec)
-        spec = SteerSpec("v", 3.0, (1, 2), "last_prompt_and_generated")
-        extra = {"steer_vector": "v", "steer_scale": 3.0, "steer_layers": [1, 2],
+        spec = SteerSpec("v", 30.0, (1, 2), "last_prompt_and_generated")
+        extra = {"steer_vector": "v", "steer_scale": 30.0, "steer_layers": [1, 2],
                  "steer_positions": "last_prompt_and_generated"}
 
         def sp(e=None):

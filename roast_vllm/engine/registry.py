@@ -50,6 +50,8 @@ def _load_env_once() -> None:
     cfg = RoastConfig.from_env()
     if cfg is None:
         return
+    if cfg.num_layers is not None:
+        set_model(cfg.num_layers)
     for name, path in cfg.vectors.items():
         add(name, SteeringVector.load(path))
 

@@ -1,0 +1,101 @@
+"""Online serving: `roast-vllm serve` (which runs stock `vllm serve` with the plugin's
+flags) steers per request through `vllm_xargs`, rejects bad steering with HTTP 400, and
+keeps serving. Traffic goes to 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from roast_vllm import SteeringVector
+
+pytestmark = pytest.mark.engine
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    vec = tmp_path_factory.mktemp("vec") / "rnd.safetensors"
+    SteeringVector.random(30, 576, seed=0).save(vec)
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("log") / "serve.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "roast_vllm.cli", "serve", "--model", model_dir, "--vector", f"rnd={vec}",
+         "--max-steering-slots", "8", "--", "--host", "127.0.0.1", "--port", str(port), "--enforce-eager",
+         "--gpu-memory-utilization", "0.15", "--max-model-len", "1024", "--seed", "0"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}; see {log.name}")
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(2)
+    else:
+        proc.kill()
+        raise TimeoutError(f"server did not come up; see {log.name}")
+    yield base, model_dir
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def complete(base, model, xargs=None, prompt="Q: What is 12 + 30? A:"):
+    body = {"model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0.0}
+    if xargs is not None:
+        body["vllm_xargs"] = xargs
+    return _post(base + "/v1/completions", body)
+
+
+def test_serve_steers_per_request_and_rejects_bad_steering(server):
+    base, model = server
+    code, plain = complete(base, model)
+    assert code == 200
+    code, steered = complete(base, model, {"steer_vector": "rnd", "steer_scale": 6.0})
+    assert code == 200 and steered["choices"][0]["text"] != plain["choices"][0]["text"]
+    # vllm_xargs arrive as strings / lists: "3,4" layer lists and numeric strings work
+    code, _ = complete(base, model, {"steer_vector": "rnd", "steer_scale": "2.5", "steer_layers": "3,4"})
+    assert code == 200
+    for bad, msg in [({"steer_vector": "nope"}, "unknown steering vector"),
+                     ({"steer_vector": "rnd", "steer_layers": [31]}, "out of range"),
+                     ({"steer_vector": "rnd", "steer_positions": "middle"}, "not one of"),
+                     ({"steer_vector": "rnd", "steer_scale": "nan"}, "finite")]:
+        code, err = complete(base, model, bad)
+        assert code == 400, (bad, code, err)
+        assert msg in json.dumps(err), err
+    # concurrent good and bad requests: the bad ones fail alone
+    jobs = [None, {"steer_vector": "rnd", "steer_scale": 6.0}, {"steer_vector": "nope"}] * 3
+    with ThreadPoolExecutor(9) as pool:
+        codes = [c for c, _ in pool.map(lambda x: complete(base, model, x), jobs)]
+    assert codes == [200, 200, 400] * 3
+    code, again = complete(base, model)
+    assert code == 200 and again["choices"][0]["text"] == plain["choices"][0]["text"]
