@@ -35,23 +35,42 @@ def main(argv=None) -> None:
 
     import roast_vllm
     from roast_vllm.model_prep import default_model
-    from roast_vllm.throughput import build_prompts, measure, print_table, register_random_vectors, write_results
+    from roast_vllm.throughput import (
+        build_prompts,
+        measure,
+        print_table,
+        register_random_vectors,
+        write_results,
+    )
 
     model = args.model or default_model()
-    kwargs = dict(gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
-                  max_steering_slots=max(args.ks + [1]), seed=0)
+    kwargs = dict(
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_model_len=args.max_model_len,
+        max_steering_slots=max(args.ks + [1]),
+        seed=0,
+    )
     if args.eager:
         kwargs["enforce_eager"] = True
     t0 = time.perf_counter()
     llm = roast_vllm.LLM(model, **kwargs)
     start_s = time.perf_counter() - t0
     names = register_random_vectors(llm, max(args.ks + [1]))
-    rows = measure(llm, build_prompts(args.num_prompts), args.ks, names, args.max_tokens, args.scale, args.repeats)
+    rows = measure(
+        llm, build_prompts(args.num_prompts), args.ks, names, args.max_tokens, args.scale, args.repeats
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    meta = {"model": model, "mode": "eager" if args.eager else "compile", "num_prompts": args.num_prompts,
-            "max_tokens": args.max_tokens, "repeats": args.repeats, "engine_start_s": round(start_s, 1),
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {device}", "device": device,
-            "command": "python benchmarks/bench_throughput.py " + " ".join(argv or __import__("sys").argv[1:])}
+    meta = {
+        "model": model,
+        "mode": "eager" if args.eager else "compile",
+        "num_prompts": args.num_prompts,
+        "max_tokens": args.max_tokens,
+        "repeats": args.repeats,
+        "engine_start_s": round(start_s, 1),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {device}",
+        "device": device,
+        "command": "python benchmarks/bench_throughput.py " + " ".join(argv or __import__("sys").argv[1:]),
+    }
     write_results(rows, meta, args.out)
     print_table(rows, meta)
     print(f"wrote {args.out}/throughput.csv, .json, .png")

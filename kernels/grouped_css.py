@@ -70,7 +70,11 @@ def _group_index(g: torch.Tensor, grouped: bool) -> tuple[torch.Tensor, int]:
 
 
 def grouped_css_ref(
-    D: torch.Tensor, w: torch.Tensor, g: torch.Tensor, mode: str = "max_norm", grouped: bool = True,
+    D: torch.Tensor,
+    w: torch.Tensor,
+    g: torch.Tensor,
+    mode: str = "max_norm",
+    grouped: bool = True,
     chunk: int = 4096,
 ) -> torch.Tensor:
     """Pure-torch reference, same signature as :func:`grouped_css`. Works in chunks of
@@ -99,9 +103,21 @@ def _kernels():
 
     @triton.jit
     def group_sum_kernel(
-        D, W, PERM, CHUNK_GROUP, CHUNK_START, CHUNK_END, S, WSUM,
-        N, H, G, stride_dl, stride_dn,
-        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+        D,
+        W,
+        PERM,
+        CHUNK_GROUP,
+        CHUNK_START,
+        CHUNK_END,
+        S,
+        WSUM,
+        N,
+        H,
+        G,
+        stride_dl,
+        stride_dn,
+        BLOCK_H: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         # grid: (L, num_chunks, cdiv(H, BLOCK_H)). A chunk is <= BLOCK_N pairs of one group
         # (pairs sorted by group through PERM), so D is read exactly once.
@@ -155,7 +171,11 @@ def _kernels():
 
 
 def grouped_css_triton(
-    D: torch.Tensor, w: torch.Tensor, g: torch.Tensor, mode: str = "max_norm", grouped: bool = True,
+    D: torch.Tensor,
+    w: torch.Tensor,
+    g: torch.Tensor,
+    mode: str = "max_norm",
+    grouped: bool = True,
     block_n: int = 32,
 ) -> torch.Tensor:
     """Launcher for the Triton path (CUDA tensors; CPU tensors under TRITON_INTERPRET=1)."""
@@ -182,8 +202,21 @@ def grouped_css_triton(
     block_h = min(triton.next_power_of_2(H), 1024)
     i32 = torch.int32
     group_sum[(L, chunk_group.numel(), triton.cdiv(H, block_h))](
-        D, w.to(torch.float32).contiguous(), order.to(i32), chunk_group.to(i32), chunk_start.to(i32),
-        chunk_end.to(i32), S, wsum, N, H, G, D.stride(0), D.stride(1), BLOCK_H=block_h, BLOCK_N=block_n,
+        D,
+        w.to(torch.float32).contiguous(),
+        order.to(i32),
+        chunk_group.to(i32),
+        chunk_start.to(i32),
+        chunk_end.to(i32),
+        S,
+        wsum,
+        N,
+        H,
+        G,
+        D.stride(0),
+        D.stride(1),
+        BLOCK_H=block_h,
+        BLOCK_N=block_n,
     )
     css_mean[(L, G)](S, wsum, out, H, G, 1.0 / G, MODE=_MODE_ID[mode], BLOCK_H=triton.next_power_of_2(H))
     return out

@@ -1,9 +1,9 @@
 """``roast-vllm`` command line.
 
-    roast-vllm prepare-model                      # embedded SmolLM2 -> HF folder (prints path)
-    roast-vllm caa --positive pos.txt --negative neg.txt --out v.safetensors
-    roast-vllm generate "Tell me about cats" --vector v.safetensors --scale 4 --compare
-    roast-vllm serve --vector happy=v.safetensors -- --port 8000
+roast-vllm prepare-model                      # embedded SmolLM2 -> HF folder (prints path)
+roast-vllm caa --positive pos.txt --negative neg.txt --out v.safetensors
+roast-vllm generate "Tell me about cats" --vector v.safetensors --scale 4 --compare
+roast-vllm serve --vector happy=v.safetensors -- --port 8000
 """
 
 from __future__ import annotations
@@ -56,8 +56,10 @@ def _layers(s: str | None) -> list[int] | None:
 
 
 def _chat(tok, prompts: list[str]) -> list[str]:
-    return [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                    add_generation_prompt=True) for p in prompts]
+    return [
+        tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
 
 
 # ------------------------------------------------------------------ commands
@@ -85,15 +87,26 @@ def cmd_caa(args) -> None:
     diff = hp.mean(1) - hn.mean(1)  # [layers, hidden]
     vec = SteeringVector(
         directions={l: diff[i] for i, l in enumerate(layers)},
-        model_id=str(model), num_layers=dims["num_layers"], method="caa",
-        provenance={"positive": str(args.positive), "negative": str(args.negative),
-                    "n_positive": len(pos), "n_negative": len(neg), "reduce": args.reduce,
-                    "chat_template": bool(args.chat)},
+        model_id=str(model),
+        num_layers=dims["num_layers"],
+        method="caa",
+        provenance={
+            "positive": str(args.positive),
+            "negative": str(args.negative),
+            "n_positive": len(pos),
+            "n_negative": len(neg),
+            "reduce": args.reduce,
+            "chat_template": bool(args.chat),
+        },
     )
     if args.normalize:
-        vec = SteeringVector(directions={l: t / t.norm() for l, t in vec.directions.items()},
-                             model_id=vec.model_id, num_layers=vec.num_layers, method="caa",
-                             provenance={**vec.provenance, "normalized": True})
+        vec = SteeringVector(
+            directions={l: t / t.norm() for l, t in vec.directions.items()},
+            model_id=vec.model_id,
+            num_layers=vec.num_layers,
+            method="caa",
+            provenance={**vec.provenance, "normalized": True},
+        )
     vec.save(args.out)
     norms = ", ".join(f"{l}:{t.norm():.2f}" for l, t in list(vec.directions.items())[:6])
     print(f"wrote {args.out}: {len(layers)} layers, dim {vec.hidden_size} (norms {norms} ...)")
@@ -113,7 +126,9 @@ def cmd_generate(args) -> None:
     if args.compare and not args.vector:
         raise SystemExit("error: --compare needs --vector")
     model = args.model or default_model()
-    kw = dict(gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len, seed=args.seed)
+    kw = dict(
+        gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len, seed=args.seed
+    )
     if args.eager:
         kw["enforce_eager"] = True
     vectors = {"cli": args.vector} if args.vector else None
@@ -130,7 +145,9 @@ def cmd_generate(args) -> None:
             steer["steer_layers"] = _layers(args.layers)
     params = []
     if args.compare:
-        params = [SamplingParams(**base)] * len(prompts) + [SamplingParams(**base, extra_args=steer)] * len(prompts)
+        params = [SamplingParams(**base)] * len(prompts) + [SamplingParams(**base, extra_args=steer)] * len(
+            prompts
+        )
         outs = llm.generate(prompts_in * 2, params)
     else:
         outs = llm.generate(prompts_in, SamplingParams(**base, extra_args=steer))
@@ -139,7 +156,9 @@ def cmd_generate(args) -> None:
     for i, p in enumerate(prompts):
         if args.compare:
             rec = {"prompt": p, "unsteered": outs[i].outputs[0].text, "steered": outs[n + i].outputs[0].text}
-            print(f"=== {p}\n--- unsteered\n{rec['unsteered'].strip()}\n--- steered (scale {args.scale})\n{rec['steered'].strip()}\n")
+            print(
+                f"=== {p}\n--- unsteered\n{rec['unsteered'].strip()}\n--- steered (scale {args.scale})\n{rec['steered'].strip()}\n"
+            )
         else:
             rec = {"prompt": p, "output": outs[i].outputs[0].text}
             print(f"=== {p}\n{rec['output'].strip()}\n")
@@ -163,22 +182,31 @@ def _vllm_serve(model: str) -> list[str]:
     return [str(exe) if exe.exists() else "vllm", "serve", model]
 
 
-def serve_command(model: str, vectors: dict[str, str], max_steering_slots: int, extra: list[str]) -> tuple[list[str], dict]:
+def serve_command(
+    model: str, vectors: dict[str, str], max_steering_slots: int, extra: list[str]
+) -> tuple[list[str], dict]:
     """The ``vllm serve`` command line (and env) that serves ``model`` with steering."""
     from roast_vllm.llm import steering_engine_kwargs
 
     kw = steering_engine_kwargs(model, max_steering_slots, vectors)
     cmd = [
         *_vllm_serve(model),
-        "--hf-overrides", json.dumps(kw["hf_overrides"]),
-        "--logits-processors", *kw["logits_processors"],
-        "--scheduler-cls", kw["scheduler_cls"],
-        "--worker-extension-cls", kw["worker_extension_cls"],
-        "--additional-config", json.dumps(kw["additional_config"]),
+        "--hf-overrides",
+        json.dumps(kw["hf_overrides"]),
+        "--logits-processors",
+        *kw["logits_processors"],
+        "--scheduler-cls",
+        kw["scheduler_cls"],
+        "--worker-extension-cls",
+        kw["worker_extension_cls"],
+        "--additional-config",
+        json.dumps(kw["additional_config"]),
         *extra,
     ]
-    env = {"ROAST_VLLM_CONFIG": json.dumps(kw["additional_config"]["roast"]),
-           "VLLM_USE_V2_MODEL_RUNNER": os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0")}
+    env = {
+        "ROAST_VLLM_CONFIG": json.dumps(kw["additional_config"]["roast"]),
+        "VLLM_USE_V2_MODEL_RUNNER": os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0"),
+    }
     return cmd, env
 
 
@@ -197,7 +225,9 @@ def cmd_serve(args) -> None:
         vectors[name] = str(Path(path).resolve())
     extra = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
     cmd, env = serve_command(model, vectors, args.max_steering_slots, extra)
-    print("+ " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + shlex.join(cmd), flush=True)
+    print(
+        "+ " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + shlex.join(cmd), flush=True
+    )
     if args.dry_run:
         return
     os.environ.update(env)
@@ -231,8 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vector", default=None, help="a .safetensors SteeringVector")
     s.add_argument("--scale", type=float, default=1.0)
     s.add_argument("--layers", default=None, help="e.g. '8-20' (default: every layer of the vector)")
-    s.add_argument("--positions", default="all",
-                   choices=["all", "prompt", "generated", "last_prompt_and_generated"])
+    s.add_argument(
+        "--positions", default="all", choices=["all", "prompt", "generated", "last_prompt_and_generated"]
+    )
     s.add_argument("--compare", action="store_true", help="print unsteered and steered side by side")
     s.add_argument("--max-tokens", type=int, default=64)
     s.add_argument("--temperature", type=float, default=0.0)

@@ -42,8 +42,23 @@ def main(argv=None) -> None:
     from roast_vllm.cli import main as cli
 
     vec_path = args.out / "happy.safetensors"
-    cli(["caa", "--model", model, "--positive", str(DATA / "happy.txt"), "--negative", str(DATA / "sad.txt"),
-         "--layers", args.layers, "--reduce", "mean", "--out", str(vec_path)])
+    cli(
+        [
+            "caa",
+            "--model",
+            model,
+            "--positive",
+            str(DATA / "happy.txt"),
+            "--negative",
+            str(DATA / "sad.txt"),
+            "--layers",
+            args.layers,
+            "--reduce",
+            "mean",
+            "--out",
+            str(vec_path),
+        ]
+    )
 
     print("\n== 3/4 steered vs unsteered (one engine, one batch)", flush=True)
     import torch
@@ -59,15 +74,22 @@ def main(argv=None) -> None:
     prompts = _read_prompts(str(DATA / "demo_prompts.txt"))
     chat = _chat(llm.get_tokenizer(), prompts)
     base = SamplingParams(max_tokens=48, temperature=0.0)
-    pos = SamplingParams(max_tokens=48, temperature=0.0, extra_args={"steer_vector": "happy", "steer_scale": args.scale})
-    neg = SamplingParams(max_tokens=48, temperature=0.0, extra_args={"steer_vector": "happy", "steer_scale": -args.scale})
+    pos = SamplingParams(
+        max_tokens=48, temperature=0.0, extra_args={"steer_vector": "happy", "steer_scale": args.scale}
+    )
+    neg = SamplingParams(
+        max_tokens=48, temperature=0.0, extra_args={"steer_vector": "happy", "steer_scale": -args.scale}
+    )
     outs = llm.generate(chat * 3, [base] * len(chat) + [pos] * len(chat) + [neg] * len(chat), use_tqdm=False)
     n = len(prompts)
     records = []
     for i, q in enumerate(prompts):
-        rec = {"prompt": q, "unsteered": outs[i].outputs[0].text.strip(),
-               f"happy x{args.scale:+g}": outs[n + i].outputs[0].text.strip(),
-               f"happy x{-args.scale:+g}": outs[2 * n + i].outputs[0].text.strip()}
+        rec = {
+            "prompt": q,
+            "unsteered": outs[i].outputs[0].text.strip(),
+            f"happy x{args.scale:+g}": outs[n + i].outputs[0].text.strip(),
+            f"happy x{-args.scale:+g}": outs[2 * n + i].outputs[0].text.strip(),
+        }
         records.append(rec)
         print(f"\n>>> {q}")
         for k, v in list(rec.items())[1:]:
@@ -75,17 +97,31 @@ def main(argv=None) -> None:
     (args.out / "outputs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
     print("\n== 4/4 throughput: steered vs unsteered in the same engine", flush=True)
-    from roast_vllm.throughput import build_prompts, measure, print_table, register_random_vectors, write_results
+    from roast_vllm.throughput import (
+        build_prompts,
+        measure,
+        print_table,
+        register_random_vectors,
+        write_results,
+    )
 
     names = register_random_vectors(llm, 16)
     rows = measure(llm, build_prompts(args.num_prompts), [16], names, args.max_tokens, repeats=1)
-    meta = {"model": model, "mode": "compile" if args.compile else "eager", "num_prompts": args.num_prompts,
-            "max_tokens": args.max_tokens, "repeats": 1, "device": "cpu",
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads"}
+    meta = {
+        "model": model,
+        "mode": "compile" if args.compile else "eager",
+        "num_prompts": args.num_prompts,
+        "max_tokens": args.max_tokens,
+        "repeats": 1,
+        "device": "cpu",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+    }
     write_results(rows, meta, args.out)
     print_table(rows, meta)
-    print(f"\ndemo done in {time.perf_counter() - t_all:.0f} s; outputs in {args.out}/ "
-          "(for the full compile-mode benchmark: make bench)")
+    print(
+        f"\ndemo done in {time.perf_counter() - t_all:.0f} s; outputs in {args.out}/ "
+        "(for the full compile-mode benchmark: make bench)"
+    )
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ def steering_hooks(model, vector: SteeringVector, spec: SteerSpec, prompt_len: i
     lo, hi = spec.token_range(prompt_len)
     handles = []
     for l in layers:
+
         def hook(_mod, _inp, out, l=l):
             h = out[0] if isinstance(out, tuple) else out
             delta = (spec.scale * vector.directions[l]).to(h.dtype)
@@ -88,8 +89,9 @@ def teacher_forced_logprobs(model, prompt_ids, gen_ids, vector=None, spec=None) 
 
 
 @torch.no_grad()
-def capture_residual(model, tok, texts: list[str], layers: list[int], reduce: str = "last",
-                     progress: bool = True) -> torch.Tensor:
+def capture_residual(
+    model, tok, texts: list[str], layers: list[int], reduce: str = "last", progress: bool = True
+) -> torch.Tensor:
     """Residual stream after each layer in ``layers`` for each text:
     ``[len(layers), len(texts), hidden]`` float32. ``reduce``: ``last`` token or ``mean``
     over tokens."""
@@ -110,8 +112,9 @@ def capture_residual(model, tok, texts: list[str], layers: list[int], reduce: st
         for t in tqdm(texts, desc="capturing activations", disable=not progress):
             ids = tok(t, return_tensors="pt").input_ids  # one at a time: no padding to get wrong
             model(ids, use_cache=False)
-            outs.append(torch.stack([captured[l][-1] if reduce == "last" else captured[l].mean(0)
-                                     for l in layers]))
+            outs.append(
+                torch.stack([captured[l][-1] if reduce == "last" else captured[l].mean(0) for l in layers])
+            )
     finally:
         for hd in handles:
             hd.remove()

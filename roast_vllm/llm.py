@@ -14,7 +14,9 @@ from roast_vllm.vector import SteeringVector
 
 
 def steering_engine_kwargs(
-    model: str, max_steering_slots: int = 64, vectors: dict[str, str] | None = None,
+    model: str,
+    max_steering_slots: int = 64,
+    vectors: dict[str, str] | None = None,
     **vllm_kwargs: Any,
 ) -> dict[str, Any]:
     """The vLLM engine arguments that switch steering on for ``model`` (merged with the
@@ -23,8 +25,9 @@ def steering_engine_kwargs(
     archs = (vllm_kwargs.get("hf_overrides") or {}).get("architectures") or dims["architectures"]
     if not archs:
         raise ValueError(f"{model}: config.json names no architecture")
-    cfg = RoastConfig(max_steering_slots=max_steering_slots, vectors=dict(vectors or {}),
-                      num_layers=dims["num_layers"])
+    cfg = RoastConfig(
+        max_steering_slots=max_steering_slots, vectors=dict(vectors or {}), num_layers=dims["num_layers"]
+    )
     kw = dict(vllm_kwargs)
     kw["model"] = model
     kw["hf_overrides"] = {**(kw.get("hf_overrides") or {}), "architectures": [steered_arch(archs[0])]}
@@ -80,10 +83,12 @@ def LLM(
     model = model or default_model()
     vecs = {name: SteeringVector.load(p) for name, p in (vectors or {}).items()}
     dims = model_dims(model)
-    for name, v in vecs.items():
+    for v in vecs.values():
         v.validate_for(dims["num_layers"], dims["hidden_size"])
     kw = steering_engine_kwargs(
-        model, max_steering_slots, {n: str(Path(p).resolve()) for n, p in (vectors or {}).items()},
+        model,
+        max_steering_slots,
+        {n: str(Path(p).resolve()) for n, p in (vectors or {}).items()},
         **vllm_kwargs,
     )
     registry.reset()

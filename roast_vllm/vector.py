@@ -57,9 +57,7 @@ class SteeringVector:
 
     def __post_init__(self) -> None:
         if self.site not in SITES:
-            raise SteeringVectorError(
-                f"unknown site {self.site!r}; use one of {SITES}"
-            )
+            raise SteeringVectorError(f"unknown site {self.site!r}; use one of {SITES}")
         if not isinstance(self.directions, dict) or not self.directions:
             raise SteeringVectorError(
                 "SteeringVector has no directions: pass directions={layer: tensor[hidden]} "
@@ -68,9 +66,7 @@ class SteeringVector:
         clean: dict[int, torch.Tensor] = {}
         for layer, t in self.directions.items():
             if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or layer < 0:
-                raise SteeringVectorError(
-                    f"layer keys must be non-negative ints, got {layer!r}"
-                )
+                raise SteeringVectorError(f"layer keys must be non-negative ints, got {layer!r}")
             t = torch.as_tensor(t)
             if t.dim() != 1:
                 raise SteeringVectorError(
@@ -90,22 +86,16 @@ class SteeringVector:
             clean[int(layer)] = t
         dims = {t.numel() for t in clean.values()}
         if len(dims) != 1:
-            raise SteeringVectorError(
-                f"all directions must have the same size, got sizes {sorted(dims)}"
-            )
+            raise SteeringVectorError(f"all directions must have the same size, got sizes {sorted(dims)}")
         dim = dims.pop()
         if self.hidden_size is None:
             self.hidden_size = dim
         elif self.hidden_size != dim:
-            raise SteeringVectorError(
-                f"hidden_size={self.hidden_size} but directions have size {dim}"
-            )
+            raise SteeringVectorError(f"hidden_size={self.hidden_size} but directions have size {dim}")
         if self.num_layers is not None:
             over = [l for l in clean if l >= self.num_layers]
             if over:
-                raise SteeringVectorError(
-                    f"layers {over} out of range for num_layers={self.num_layers}"
-                )
+                raise SteeringVectorError(f"layers {over} out of range for num_layers={self.num_layers}")
         self.directions = dict(sorted(clean.items()))
 
     # ------------------------------------------------------------------ info
@@ -136,8 +126,7 @@ class SteeringVector:
             )
         if self.num_layers is not None and self.num_layers != num_layers:
             raise SteeringVectorError(
-                f"vector was made for a {self.num_layers}-layer model, the {what} has "
-                f"{num_layers} layers"
+                f"vector was made for a {self.num_layers}-layer model, the {what} has {num_layers} layers"
             )
 
     # ------------------------------------------------------------ arithmetic

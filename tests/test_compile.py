@@ -69,11 +69,15 @@ def test_agreement_with_stock_vllm_compiled(llm, stock_ids):
     ours = token_ids(llm.generate(PROMPTS, sp()))
     same_prompts = sum(a == b for a, b in zip(ours, stock_ids))
     # tokens up to (and excluding) the first divergence, over all tokens
-    agree = sum(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-                for a, b in zip(ours, stock_ids))
+    agree = sum(
+        next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        for a, b in zip(ours, stock_ids)
+    )
     total = sum(len(b) for b in stock_ids)
-    report = {"prompts_identical": f"{same_prompts}/{len(PROMPTS)}",
-              "token_agreement_before_first_divergence": round(agree / total, 4)}
+    report = {
+        "prompts_identical": f"{same_prompts}/{len(PROMPTS)}",
+        "token_agreement_before_first_divergence": round(agree / total, 4),
+    }
     out = Path("results/compile_agreement.json")
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

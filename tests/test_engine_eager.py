@@ -19,11 +19,36 @@ pytestmark = pytest.mark.engine
 
 ENGINE = dict(ENGINE_DEFAULTS, enforce_eager=True, max_num_batched_tokens=256, max_num_seqs=16)
 MAX_TOKENS = 24
-LONG_PROMPT = " ".join(
-    f"Fact {i}: the {c} fox jumped over {i + 3} lazy dogs near the river bank." for i, c in
-    enumerate(["quick", "brown", "red", "grey", "small", "tall", "wise", "old", "young", "fast",
-               "slow", "happy", "sad", "bold", "shy", "calm", "wild", "kind", "loud", "quiet"])
-) + " Summarize the facts above in one sentence:"
+LONG_PROMPT = (
+    " ".join(
+        f"Fact {i}: the {c} fox jumped over {i + 3} lazy dogs near the river bank."
+        for i, c in enumerate(
+            [
+                "quick",
+                "brown",
+                "red",
+                "grey",
+                "small",
+                "tall",
+                "wise",
+                "old",
+                "young",
+                "fast",
+                "slow",
+                "happy",
+                "sad",
+                "bold",
+                "shy",
+                "calm",
+                "wild",
+                "kind",
+                "loud",
+                "quiet",
+            ]
+        )
+    )
+    + " Summarize the facts above in one sentence:"
+)
 
 
 def sp(extra=None, max_tokens=MAX_TOKENS, logprobs=None):
@@ -32,8 +57,9 @@ def sp(extra=None, max_tokens=MAX_TOKENS, logprobs=None):
     # ignore_eos: every request runs MAX_TOKENS steps whatever its steering, so the batch
     # has the same shape step by step in the runs we compare (vLLM's CPU kernels are not
     # batch-invariant: a different mix of rows may round differently).
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, extra_args=extra, logprobs=logprobs,
-                          ignore_eos=True)
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=0.0, extra_args=extra, logprobs=logprobs, ignore_eos=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -100,9 +126,15 @@ def test_steering_changes_output(llm, baseline):
 # ---------------------------------------------------------------- (b) mixed batch
 def test_mixed_batch_each_request_equals_its_own_run(llm, baseline):
     prompts = PROMPTS + [LONG_PROMPT]
-    extras = [None, steer("rnd0"), None, steer("rnd1", 4.0, steer_layers=list(range(5, 25))),
-              None, steer("rnd2", 5.0, steer_positions="generated"),
-              steer("rnd1", 8.0, steer_positions="prompt")]
+    extras = [
+        None,
+        steer("rnd0"),
+        None,
+        steer("rnd1", 4.0, steer_layers=list(range(5, 25))),
+        None,
+        steer("rnd2", 5.0, steer_positions="generated"),
+        steer("rnd1", 8.0, steer_positions="prompt"),
+    ]
     mixed = token_ids(llm.generate(prompts, [sp(e) for e in extras]))
     steered = [i for i, e in enumerate(extras) if e is not None]
     for i, e in enumerate(extras):
@@ -201,7 +233,9 @@ def test_steered_output_matches_transformers_hooks(llm, hf_model, positions):
         worst = max(worst, float((hf_lp - vllm_lp).abs().max()))
         assert torch.allclose(hf_lp, vllm_lp, atol=LOGPROB_ATOL), (hf_lp - vllm_lp).abs().max()
         gaps = ref.max(-1).values - hf_lp
-        assert float(gaps.max()) <= HF_TIE_NATS, f"vLLM chose a token HF ranks {float(gaps.max()):.3f} nats below top-1"
+        assert float(gaps.max()) <= HF_TIE_NATS, (
+            f"vLLM chose a token HF ranks {float(gaps.max()):.3f} nats below top-1"
+        )
         n_identical += int(bool((ref.argmax(-1) == torch.tensor(gen)).all()))
         steered_lp += float(hf_lp.sum())
         unsteered_lp += float(unsteered_ref[torch.arange(len(gen)), torch.tensor(gen)].sum())
@@ -223,8 +257,16 @@ def test_steered_output_matches_transformers_hooks(llm, hf_model, positions):
         (steer(scale="loud"), "number"),
         ({"steer_scale": 2.0}, "without steer_vector"),
     ],
-    ids=["unknown-vector", "layer-30", "layer-999", "bad-positions", "inf-scale", "nan-scale",
-         "text-scale", "no-vector"],
+    ids=[
+        "unknown-vector",
+        "layer-30",
+        "layer-999",
+        "bad-positions",
+        "inf-scale",
+        "nan-scale",
+        "text-scale",
+        "no-vector",
+    ],
 )
 def test_bad_request_fails_at_submission_and_engine_keeps_serving(llm, baseline_outputs, extra, match):
     with pytest.raises(Exception, match=match):

@@ -19,9 +19,17 @@ def make_checkpoint(family: str, out, tokenizer_dir: str) -> str:
     import transformers
 
     # head_dim 64: vLLM's CPU attention kernels support 32/64/80/96/112/128/...
-    common = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2,
-                  num_key_value_heads=1, vocab_size=49152, max_position_embeddings=1024,
-                  tie_word_embeddings=False, initializer_range=0.3)
+    common = dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=49152,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        initializer_range=0.3,
+    )
     if family == "qwen2":
         cfg = transformers.Qwen2Config(**common)
         cls = transformers.Qwen2ForCausalLM
@@ -38,9 +46,10 @@ def make_checkpoint(family: str, out, tokenizer_dir: str) -> str:
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 def test_family_steering_matches_hf_reference(family, model_dir, tmp_path):
+    from vllm import SamplingParams
+
     import roast_vllm
     from roast_vllm.hf import load_hf, teacher_forced_logprobs
-    from vllm import SamplingParams
 
     ckpt = make_checkpoint(family, tmp_path / family, model_dir)
     arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[family]
@@ -50,8 +59,12 @@ def test_family_steering_matches_hf_reference(family, model_dir, tmp_path):
         vec = SteeringVector.random(4, 128, seed=5)
         roast_vllm.register_vector(llm, "v", vec)
         spec = SteerSpec("v", 30.0, (1, 2), "last_prompt_and_generated")
-        extra = {"steer_vector": "v", "steer_scale": 30.0, "steer_layers": [1, 2],
-                 "steer_positions": "last_prompt_and_generated"}
+        extra = {
+            "steer_vector": "v",
+            "steer_scale": 30.0,
+            "steer_layers": [1, 2],
+            "steer_positions": "last_prompt_and_generated",
+        }
 
         def sp(e=None):
             return SamplingParams(max_tokens=12, temperature=0.0, extra_args=e, logprobs=1)
@@ -71,5 +84,6 @@ def test_family_steering_matches_hf_reference(family, model_dir, tmp_path):
         assert ref.argmax(-1).tolist() == gen
         vllm_lp = torch.tensor([o.outputs[0].logprobs[i][t].logprob for i, t in enumerate(gen)])
         assert torch.allclose(ref[torch.arange(len(gen)), torch.tensor(gen)], vllm_lp, atol=2e-3)
-        assert teacher_forced_logprobs(hf, ob.prompt_token_ids, list(ob.outputs[0].token_ids)).argmax(-1).tolist() \
-            == list(ob.outputs[0].token_ids)
+        assert teacher_forced_logprobs(hf, ob.prompt_token_ids, list(ob.outputs[0].token_ids)).argmax(
+            -1
+        ).tolist() == list(ob.outputs[0].token_ids)

@@ -29,8 +29,10 @@ def test_register_is_idempotent_and_keeps_stock_archs():
 
 def test_import_is_light():
     """`import roast_vllm` must not pull in vLLM, Triton or CUDA (GPU-less machines)."""
-    code = ("import sys, roast_vllm, roast_vllm.plugin; "
-            "bad=[m for m in ('vllm','triton') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+    code = (
+        "import sys, roast_vllm, roast_vllm.plugin; "
+        "bad=[m for m in ('vllm','triton') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 

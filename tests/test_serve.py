@@ -27,7 +27,9 @@ def _free_port() -> int:
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, json.loads(r.read())
@@ -42,10 +44,32 @@ def server(model_dir, tmp_path_factory):
     port = _free_port()
     log = open(tmp_path_factory.mktemp("log") / "serve.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "roast_vllm.cli", "serve", "--model", model_dir, "--vector", f"rnd={vec}",
-         "--max-steering-slots", "8", "--", "--host", "127.0.0.1", "--port", str(port), "--enforce-eager",
-         "--gpu-memory-utilization", "0.15", "--max-model-len", "1024", "--seed", "0"],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "roast_vllm.cli",
+            "serve",
+            "--model",
+            model_dir,
+            "--vector",
+            f"rnd={vec}",
+            "--max-steering-slots",
+            "8",
+            "--",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--enforce-eager",
+            "--gpu-memory-utilization",
+            "0.15",
+            "--max-model-len",
+            "1024",
+            "--seed",
+            "0",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
@@ -85,10 +109,12 @@ def test_serve_steers_per_request_and_rejects_bad_steering(server):
     # vllm_xargs arrive as strings / lists: "3,4" layer lists and numeric strings work
     code, _ = complete(base, model, {"steer_vector": "rnd", "steer_scale": "2.5", "steer_layers": "3,4"})
     assert code == 200
-    for bad, msg in [({"steer_vector": "nope"}, "unknown steering vector"),
-                     ({"steer_vector": "rnd", "steer_layers": [31]}, "out of range"),
-                     ({"steer_vector": "rnd", "steer_positions": "middle"}, "not one of"),
-                     ({"steer_vector": "rnd", "steer_scale": "nan"}, "finite")]:
+    for bad, msg in [
+        ({"steer_vector": "nope"}, "unknown steering vector"),
+        ({"steer_vector": "rnd", "steer_layers": [31]}, "out of range"),
+        ({"steer_vector": "rnd", "steer_positions": "middle"}, "not one of"),
+        ({"steer_vector": "rnd", "steer_scale": "nan"}, "finite"),
+    ]:
         code, err = complete(base, model, bad)
         assert code == 400, (bad, code, err)
         assert msg in json.dumps(err), err

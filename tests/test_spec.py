@@ -3,8 +3,8 @@
 import pytest
 
 from roast_vllm.engine.spec import (
-    SteerSpec,
     SteeringRequestError,
+    SteerSpec,
     VectorInfo,
     check_against,
     parse_steer_args,
@@ -21,8 +21,9 @@ def test_defaults_and_xargs_strings():
     s = parse_steer_args({"steer_vector": "v"})
     assert s == SteerSpec("v", 1.0, None, "all")
     # vllm serve's vllm_xargs send strings / lists
-    s = parse_steer_args({"steer_vector": "v", "steer_scale": "2.5", "steer_layers": "3, 1,3",
-                          "steer_positions": "generated"})
+    s = parse_steer_args(
+        {"steer_vector": "v", "steer_scale": "2.5", "steer_layers": "3, 1,3", "steer_positions": "generated"}
+    )
     assert s == SteerSpec("v", 2.5, (1, 3), "generated")
     assert parse_steer_args({"steer_vector": "v", "steer_layers": [4, 2]}).layers == (2, 4)
 
@@ -42,8 +43,19 @@ def test_defaults_and_xargs_strings():
         ({"steer_vector": "v", "steer_positions": "middle"}, "not one of"),
         ({"steer_vector": "v", "steer_scael": 1}, "unknown steering keys"),
     ],
-    ids=["no-vector", "empty-name", "int-name", "nan-scale", "inf-scale", "text-scale",
-         "float-layer", "negative-layer", "empty-layers", "bad-positions", "typo-key"],
+    ids=[
+        "no-vector",
+        "empty-name",
+        "int-name",
+        "nan-scale",
+        "inf-scale",
+        "text-scale",
+        "float-layer",
+        "negative-layer",
+        "empty-layers",
+        "bad-positions",
+        "typo-key",
+    ],
 )
 def test_bad_args(args, match):
     with pytest.raises(SteeringRequestError, match=match):
@@ -63,8 +75,12 @@ def test_check_against_registry():
 
 @pytest.mark.parametrize(
     "positions, plen, expected",
-    [("all", 5, (0, 1 << 62)), ("prompt", 5, (0, 5)), ("generated", 5, (5, 1 << 62)),
-     ("last_prompt_and_generated", 5, (4, 1 << 62))],
+    [
+        ("all", 5, (0, 1 << 62)),
+        ("prompt", 5, (0, 5)),
+        ("generated", 5, (5, 1 << 62)),
+        ("last_prompt_and_generated", 5, (4, 1 << 62)),
+    ],
 )
 def test_token_range(positions, plen, expected):
     assert SteerSpec("v", positions=positions).token_range(plen) == expected

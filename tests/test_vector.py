@@ -91,10 +91,18 @@ def test_load_rejects_bad_files(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"layer.0": torch.zeros(4)}, str(tmp_path / "nometa.safetensors"))
-    save_file({"layer.0": torch.tensor([float("nan")])}, str(tmp_path / "nan.safetensors"),
-              metadata={"roast_vllm": "{}"})
-    for name, match in [("trunc", "truncated"), ("junk", "truncated"), ("nometa", "no 'roast_vllm'"),
-                        ("nan", "non-finite"), ("missing", "does not exist")]:
+    save_file(
+        {"layer.0": torch.tensor([float("nan")])},
+        str(tmp_path / "nan.safetensors"),
+        metadata={"roast_vllm": "{}"},
+    )
+    for name, match in [
+        ("trunc", "truncated"),
+        ("junk", "truncated"),
+        ("nometa", "no 'roast_vllm'"),
+        ("nan", "non-finite"),
+        ("missing", "does not exist"),
+    ]:
         with pytest.raises(SteeringVectorError, match=match):
             SteeringVector.load(tmp_path / f"{name}.safetensors")
     with pytest.raises(SteeringVectorError):

@@ -81,9 +81,7 @@ def _as_layers(v: Any) -> tuple[int, ...]:
     elif isinstance(v, (list, tuple)):
         parts = list(v)
     else:
-        raise SteeringRequestError(
-            f"steer_layers must be a list of layer indices (or '3,4,5'), got {v!r}"
-        )
+        raise SteeringRequestError(f"steer_layers must be a list of layer indices (or '3,4,5'), got {v!r}")
     out = []
     for p in parts:
         if isinstance(p, bool):
@@ -126,9 +124,7 @@ def parse_steer_args(extra_args: dict[str, Any] | None) -> SteerSpec | None:
     layers = _as_layers(present["steer_layers"]) if "steer_layers" in present else None
     positions = present.get("steer_positions", "all")
     if positions not in POSITIONS:
-        raise SteeringRequestError(
-            f"steer_positions={positions!r} is not one of {list(POSITIONS)}"
-        )
+        raise SteeringRequestError(f"steer_positions={positions!r} is not one of {list(POSITIONS)}")
     return SteerSpec(vector=name, scale=scale, layers=layers, positions=positions)
 
 

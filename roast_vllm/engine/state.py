@@ -67,15 +67,18 @@ class SteeringState(nn.Module):
         self.max_num_seqs = max_num_seqs
         self.max_num_tokens = max_num_tokens
         self.register_buffer(
-            "table", torch.zeros(num_layers, max_slots + 1, hidden_size, dtype=dtype, device=device),
+            "table",
+            torch.zeros(num_layers, max_slots + 1, hidden_size, dtype=dtype, device=device),
             persistent=False,
         )
         self.register_buffer(
-            "token_slot", torch.zeros(max_num_tokens, dtype=torch.long, device=device),
+            "token_slot",
+            torch.zeros(max_num_tokens, dtype=torch.long, device=device),
             persistent=False,
         )
         self.register_buffer(
-            "_arange", torch.arange(max_num_tokens, dtype=torch.int32, device=device),
+            "_arange",
+            torch.arange(max_num_tokens, dtype=torch.int32, device=device),
             persistent=False,
         )
         # Host-side per-row state (the tracker writes it), mirrored to the device.
@@ -99,8 +102,7 @@ class SteeringState(nn.Module):
     def register_vector(self, name: str, vector: SteeringVector) -> None:
         if vector.site != "residual":
             raise SteeringVectorError(
-                f"vector {name!r} targets site {vector.site!r}; this engine steers the "
-                "residual stream only"
+                f"vector {name!r} targets site {vector.site!r}; this engine steers the residual stream only"
             )
         vector.validate_for(self.num_layers, self.hidden_size)
         self.vectors[name] = vector
@@ -166,8 +168,11 @@ class SteeringState(nn.Module):
         except SteeringVectorError:
             # Unreachable when the front end validated the request; never crash the
             # engine for it, and say so loudly.
-            logger.error("roast-vllm: request in row %d names an unknown vector %r; "
-                         "it runs UNSTEERED", row, spec.vector)
+            logger.error(
+                "roast-vllm: request in row %d names an unknown vector %r; it runs UNSTEERED",
+                row,
+                spec.vector,
+            )
             return
         lo, hi = spec.token_range(prompt_len)
         self._row_spec[row] = index

@@ -30,9 +30,7 @@ def _steered_layer_class(base: type) -> type:
     if cls is None:
 
         def forward(self, positions, hidden_states, residual, *args, **kwargs):
-            hidden_states, residual = base.forward(
-                self, positions, hidden_states, residual, *args, **kwargs
-            )
+            hidden_states, residual = base.forward(self, positions, hidden_states, residual, *args, **kwargs)
             delta = self._roast_state.delta(self._roast_layer, hidden_states.shape[0])
             return hidden_states + delta, residual
 
@@ -72,7 +70,7 @@ def steered_model_class(name: str) -> type:
     """``Roast<Arch>``: the steered subclass of the stock ``<Arch>`` class."""
     cls = _model_classes.get(name)
     if cls is None:
-        stock = name[len(PREFIX):] if name.startswith(PREFIX) else None
+        stock = name[len(PREFIX) :] if name.startswith(PREFIX) else None
         if stock not in FAMILIES:
             raise AttributeError(name)
         module, base_name = FAMILIES[stock]
@@ -96,4 +94,3 @@ def __getattr__(name: str) -> type:
     if name.startswith(PREFIX):
         return steered_model_class(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
