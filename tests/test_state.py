@@ -22,7 +22,7 @@ def st():
 def test_slot_table_rows(st):
     i = st.acquire(SteerSpec("a", scale=3.0, layers=(2,)))
     assert i >= 1
-    assert torch.equal(st.table[2, i], torch.full((H,), 6.0))
+    assert torch.equal(st.table[2, i], torch.full((H,), 2.0)) and st.slot_scale[i] == 3.0
     assert torch.count_nonzero(st.table[1, i]) == 0  # layer 1 not selected
     assert torch.count_nonzero(st.table[:, 0]) == 0  # slot 0 is "no steering"
     j = st.acquire(SteerSpec("a", scale=3.0, layers=(2,)))
@@ -46,6 +46,7 @@ def test_replaced_vector_keeps_running_slot(st):
     assert torch.equal(st.table[:, i], before)  # running request unaffected
     k = st.acquire(SteerSpec("a", 1.0))
     assert k != i and torch.equal(st.table[1, k], 5 * torch.ones(H))
+    assert torch.equal(st.table[:, i], before)
 
 
 def test_rows_moves_and_token_slots(st, monkeypatch):
@@ -73,13 +74,17 @@ def test_rows_moves_and_token_slots(st, monkeypatch):
     assert torch.count_nonzero(st.token_slot) == 0
 
 
-def test_delta_is_exact_zero_for_slot_zero(st):
-    st.set_row(0, SteerSpec("b", 1.0), prompt_len=1)
+def test_apply_leaves_slot_zero_rows_bit_identical(st):
+    st.set_row(0, SteerSpec("b", 2.0), prompt_len=1)
     st.sync_rows()
     st.token_slot[:3] = torch.tensor([0, st.row_slot_cpu[0].item(), 0])
-    d = st.delta(3, 3)
-    assert torch.count_nonzero(d[0]) == 0 and torch.count_nonzero(d[2]) == 0
-    assert torch.equal(d[1], -torch.ones(H))
+    h = torch.randn(3, H).to(torch.bfloat16)
+    orig = h.clone()
+    out = st.apply(3, h)
+    assert out is h
+    assert torch.equal(h[0].view(torch.int16), orig[0].view(torch.int16))
+    assert torch.equal(h[2].view(torch.int16), orig[2].view(torch.int16))
+    assert torch.equal(h[1], (orig[1].float() - 2.0).to(torch.bfloat16))
 
 
 def test_register_checks_model_fit(st):

@@ -3,17 +3,20 @@
 Shapes (``L`` layers, ``S = max_steering_slots + 1`` slots, ``H`` hidden, ``R`` =
 ``max_num_seqs`` batch rows, ``T`` = max tokens per step)::
 
-    table       [L, S, H]  model dtype; table[l, s] = scale_s * v_s[l] (0 where slot s
-                           does not steer layer l); slot 0 is all zeros = "no steering"
+    table       [L, S, H]  fp32; table[l, s] = v_s[l] (0 where slot s does not steer
+                           layer l); slot 0 is all zeros = "no steering"
+    slot_scale  [S]        fp32 scale of each slot (0 for slot 0)
     token_slot  [T]        int64, the slot of each token of the current step
     row_slot    [R]        slot of the request in each persistent-batch row
     row_lo/hi   [R]        steered absolute positions [lo, hi) of each row
 
-Why this layout: inside the compiled graph each layer does one gather and one add,
-``h += table[l][token_slot[:n]]``, reading tensors that are updated in place, so
+Why this layout: inside the compiled graph each layer does one fused gather-add,
+``h[t] += slot_scale[s] * table[l, s]`` with ``s = token_slot[t]`` (the
+``roast_vllm.kernels.steer_apply`` op: Triton on CUDA, torch on CPU), reading tensors that
+are updated in place, so
 torch.compile never bakes a vector or a batch composition into the graph, and any mix
 of requests (steered or not, prefill chunks and decodes) runs in one batch. Rows whose
-slot is 0 add exact zeros, which leaves them bit-identical.
+slot is 0 are left untouched, bit for bit.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 from torch import nn
 
 from roast_vllm.engine.spec import SteerSpec
+from roast_vllm.kernels.steer_apply import steer_apply
 from roast_vllm.vector import SteeringVector, SteeringVectorError
 
 logger = logging.getLogger("roast_vllm")
@@ -66,10 +70,14 @@ class SteeringState(nn.Module):
         self.max_slots = max_slots
         self.max_num_seqs = max_num_seqs
         self.max_num_tokens = max_num_tokens
+        # fp32 whatever the model dtype: the add happens in fp32 and rounds once
         self.register_buffer(
             "table",
-            torch.zeros(num_layers, max_slots + 1, hidden_size, dtype=dtype, device=device),
+            torch.zeros(num_layers, max_slots + 1, hidden_size, dtype=torch.float32, device=device),
             persistent=False,
+        )
+        self.register_buffer(
+            "slot_scale", torch.zeros(max_slots + 1, dtype=torch.float32, device=device), persistent=False
         )
         self.register_buffer(
             "token_slot",
@@ -137,8 +145,9 @@ class SteeringState(nn.Module):
             layers = spec.layers if spec.layers is not None else tuple(vec.layers)
             rows = torch.zeros(self.num_layers, self.hidden_size, dtype=torch.float32)
             for l in layers:
-                rows[l] = spec.scale * vec.directions[l]
-            self.table[:, index].copy_(rows.to(self.table.dtype))
+                rows[l] = vec.directions[l]
+            self.table[:, index].copy_(rows)
+            self.slot_scale[index] = spec.scale
             slot = _Slot(index, key)
             self._slots[key] = slot
             self._slot_by_index[index] = slot
@@ -249,9 +258,12 @@ class SteeringState(nn.Module):
         torch.mul(self.row_slot[tok_row], keep, out=self.token_slot[:n])
         self._tokens_dirty = True
 
-    def delta(self, layer: int, n: int) -> torch.Tensor:
-        """``[n, H]`` steering to add after ``layer`` (traced into the compiled graph)."""
-        return self.table[layer].index_select(0, self.token_slot[:n])
+    def apply(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """Steer ``h [n, H]`` (the stream after ``layer``) in place; traced into the
+        compiled graph, where it reads the live buffers."""
+        if not torch.compiler.is_compiling() and self.num_steered_rows == 0:
+            return h  # eager fast path; a compiled graph always runs the (no-op) op
+        return steer_apply(h, self.table[layer], self.token_slot[: h.shape[0]], self.slot_scale)
 
 
 def _query_start_loc() -> torch.Tensor | None:

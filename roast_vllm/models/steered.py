@@ -31,8 +31,7 @@ def _steered_layer_class(base: type) -> type:
 
         def forward(self, positions, hidden_states, residual, *args, **kwargs):
             hidden_states, residual = base.forward(self, positions, hidden_states, residual, *args, **kwargs)
-            delta = self._roast_state.delta(self._roast_layer, hidden_states.shape[0])
-            return hidden_states + delta, residual
+            return self._roast_state.apply(self._roast_layer, hidden_states), residual
 
         cls = type(f"Steered{base.__name__}", (base,), {"forward": forward})
         _layer_classes[base] = cls

@@ -1,0 +1,127 @@
+"""Per-token steering add, the serving hot loop.
+
+In place, over the ``T`` tokens of one step and one layer::
+
+    s = slot[t]
+    if s != 0:  h[t] <- h[t] + scale[s] * table[s]          (computed in fp32)
+                (energy_preserving: then rescale h[t] to its original L2 norm)
+    if s == 0:  h[t] is not touched (bit-identical)
+
+Shapes: ``h [T, H]`` (bf16/fp16/fp32), ``table [S, H]`` (one layer's rows; row 0 is
+conventionally zeros), ``slot [T]`` int, ``scale [S]`` float. Position scope is encoded
+in ``slot``: a token outside its request's scope gets slot 0.
+
+Layers: Triton kernel -> launcher ``steer_apply_triton`` -> ``steer_apply`` (Triton for
+CUDA tensors, torch elsewhere). ``steer_apply_ref`` is the pure-torch reference; it has no
+data-dependent shapes, so torch.compile fuses it into one kernel on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+_EPS = 1e-12
+
+
+def _check(h: torch.Tensor, table: torch.Tensor, slot: torch.Tensor, scale: torch.Tensor) -> None:
+    if h.dim() != 2 or table.dim() != 2 or h.shape[1] != table.shape[1]:
+        raise ValueError(f"h [T, H] and table [S, H] must share H; got {tuple(h.shape)}, {tuple(table.shape)}")
+    if slot.shape != (h.shape[0],):
+        raise ValueError(f"slot must be [T={h.shape[0]}], got {tuple(slot.shape)}")
+    if scale.shape != (table.shape[0],):
+        raise ValueError(f"scale must be [S={table.shape[0]}], got {tuple(scale.shape)}")
+
+
+def steer_apply_ref(
+    h: torch.Tensor, table: torch.Tensor, slot: torch.Tensor, scale: torch.Tensor, energy_preserving: bool = False
+) -> torch.Tensor:
+    """Pure-torch reference; modifies and returns ``h``."""
+    s = slot.long()
+    x = h.float()
+    y = x + table.index_select(0, s).float() * scale.index_select(0, s).float()[:, None]
+    if energy_preserving:
+        y = y * (x.norm(dim=-1, keepdim=True) / y.norm(dim=-1, keepdim=True).clamp_min(_EPS))
+    h.copy_(torch.where((s != 0)[:, None], y.to(h.dtype), h))
+    return h
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def steer_apply_kernel(
+        Hp, TABLE, SLOT, SCALE, n_cols, stride_h, stride_t, ENERGY: tl.constexpr, BLOCK: tl.constexpr
+    ):
+        # one program per token; slot-0 tokens return before touching memory
+        t = tl.program_id(0)
+        s = tl.load(SLOT + t)
+        if s != 0:
+            offs = tl.arange(0, BLOCK)
+            mask = offs < n_cols
+            x = tl.load(Hp + t * stride_h + offs, mask=mask, other=0.0).to(tl.float32)
+            v = tl.load(TABLE + s * stride_t + offs, mask=mask, other=0.0).to(tl.float32)
+            a = tl.load(SCALE + s).to(tl.float32)
+            y = x + a * v
+            if ENERGY:
+                nx = tl.sqrt(tl.sum(x * x, axis=0))
+                ny = tl.sqrt(tl.sum(y * y, axis=0))
+                y = y * (nx / tl.maximum(ny, 1e-12))
+            tl.store(Hp + t * stride_h + offs, y.to(Hp.dtype.element_ty), mask=mask)
+
+    return steer_apply_kernel
+
+
+def steer_apply_triton(
+    h: torch.Tensor, table: torch.Tensor, slot: torch.Tensor, scale: torch.Tensor, energy_preserving: bool = False
+) -> torch.Tensor:
+    """Launcher (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``)."""
+    import triton
+
+    _check(h, table, slot, scale)
+    if h.stride(1) != 1 or table.stride(1) != 1:
+        raise ValueError("h and table must be contiguous along H")
+    T, H = h.shape
+    if T == 0:
+        return h
+    _kernel()[(T,)](
+        h, table, slot, scale.float().contiguous(), H, h.stride(0), table.stride(0),
+        ENERGY=energy_preserving, BLOCK=triton.next_power_of_2(H),
+    )
+    return h
+
+
+def steer_apply(
+    h: torch.Tensor, table: torch.Tensor, slot: torch.Tensor, scale: torch.Tensor, energy_preserving: bool = False
+) -> torch.Tensor:
+    """In-place per-token steering add: Triton on CUDA, torch elsewhere. Returns ``h``."""
+    if h.is_cuda:
+        return torch.ops.roast_vllm.steer_apply(h, table, slot, scale, energy_preserving) or h
+    return steer_apply_ref(h, table, slot, scale, energy_preserving)
+
+
+@functools.cache
+def register_custom_op() -> None:
+    """``torch.ops.roast_vllm.steer_apply``: the Triton launch as an opaque, in-place op
+    that torch.compile (and so vLLM's compiled graph) can hold on CUDA."""
+
+    @torch.library.custom_op("roast_vllm::steer_apply", mutates_args=("h",))
+    def _op(h: torch.Tensor, table: torch.Tensor, slot: torch.Tensor, scale: torch.Tensor,
+            energy_preserving: bool) -> None:
+        if h.is_cuda:
+            steer_apply_triton(h, table, slot, scale, energy_preserving)
+        else:
+            steer_apply_ref(h, table, slot, scale, energy_preserving)
+
+    @_op.register_fake
+    def _(h, table, slot, scale, energy_preserving) -> None:
+        return None
+
+
+try:  # registering needs only torch; the Triton kernel itself is built on first CUDA launch
+    register_custom_op()
+except Exception:  # pragma: no cover - very old torch without torch.library.custom_op
+    pass
