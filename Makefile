@@ -25,13 +25,17 @@ $(VENV)/.installed: setup.py
 demo: setup
 	$(PY) -m roast_vllm.demo
 
+# Kernel tests run apart: TRITON_INTERPRET=1 must not leak into vLLM's engine processes.
 test: setup
 	$(PY) -m roast_vllm.cli prepare-model
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	@rc=0; \
+	TRITON_INTERPRET=1 $(PY) -m pytest tests/kernels $(PYTEST_ARGS) || rc=1; \
+	$(PY) -m pytest tests --ignore=tests/kernels $(PYTEST_ARGS) || rc=1; \
+	exit $$rc
 
 # unit tests only (no engine start): seconds
 test-fast: setup
-	$(PY) -m pytest tests -m "not engine" $(PYTEST_ARGS)
+	$(PY) -m pytest tests --ignore=tests/kernels -m "not engine" $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check roast_vllm kernels benchmarks tests

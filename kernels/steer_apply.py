@@ -27,7 +27,9 @@ _EPS = 1e-12
 
 def _check(h: torch.Tensor, table: torch.Tensor, slot: torch.Tensor, scale: torch.Tensor) -> None:
     if h.dim() != 2 or table.dim() != 2 or h.shape[1] != table.shape[1]:
-        raise ValueError(f"h [T, H] and table [S, H] must share H; got {tuple(h.shape)}, {tuple(table.shape)}")
+        raise ValueError(
+            f"h [T, H] and table [S, H] must share H; got {tuple(h.shape)}, {tuple(table.shape)}"
+        )
     if slot.shape != (h.shape[0],):
         raise ValueError(f"slot must be [T={h.shape[0]}], got {tuple(slot.shape)}")
     if scale.shape != (table.shape[0],):
@@ -35,7 +37,11 @@ def _check(h: torch.Tensor, table: torch.Tensor, slot: torch.Tensor, scale: torc
 
 
 def steer_apply_ref(
-    h: torch.Tensor, table: torch.Tensor, slot: torch.Tensor, scale: torch.Tensor, energy_preserving: bool = False
+    h: torch.Tensor,
+    table: torch.Tensor,
+    slot: torch.Tensor,
+    scale: torch.Tensor,
+    energy_preserving: bool = False,
 ) -> torch.Tensor:
     """Pure-torch reference; modifies and returns ``h``."""
     s = slot.long()
@@ -76,7 +82,11 @@ def _kernel():
 
 
 def steer_apply_triton(
-    h: torch.Tensor, table: torch.Tensor, slot: torch.Tensor, scale: torch.Tensor, energy_preserving: bool = False
+    h: torch.Tensor,
+    table: torch.Tensor,
+    slot: torch.Tensor,
+    scale: torch.Tensor,
+    energy_preserving: bool = False,
 ) -> torch.Tensor:
     """Launcher (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``)."""
     import triton
@@ -88,14 +98,25 @@ def steer_apply_triton(
     if T == 0:
         return h
     _kernel()[(T,)](
-        h, table, slot, scale.float().contiguous(), H, h.stride(0), table.stride(0),
-        ENERGY=energy_preserving, BLOCK=triton.next_power_of_2(H),
+        h,
+        table,
+        slot,
+        scale.float().contiguous(),
+        H,
+        h.stride(0),
+        table.stride(0),
+        ENERGY=energy_preserving,
+        BLOCK=triton.next_power_of_2(H),
     )
     return h
 
 
 def steer_apply(
-    h: torch.Tensor, table: torch.Tensor, slot: torch.Tensor, scale: torch.Tensor, energy_preserving: bool = False
+    h: torch.Tensor,
+    table: torch.Tensor,
+    slot: torch.Tensor,
+    scale: torch.Tensor,
+    energy_preserving: bool = False,
 ) -> torch.Tensor:
     """In-place per-token steering add: Triton on CUDA, torch elsewhere. Returns ``h``."""
     if h.is_cuda:
@@ -109,8 +130,9 @@ def register_custom_op() -> None:
     that torch.compile (and so vLLM's compiled graph) can hold on CUDA."""
 
     @torch.library.custom_op("roast_vllm::steer_apply", mutates_args=("h",))
-    def _op(h: torch.Tensor, table: torch.Tensor, slot: torch.Tensor, scale: torch.Tensor,
-            energy_preserving: bool) -> None:
+    def _op(
+        h: torch.Tensor, table: torch.Tensor, slot: torch.Tensor, scale: torch.Tensor, energy_preserving: bool
+    ) -> None:
         if h.is_cuda:
             steer_apply_triton(h, table, slot, scale, energy_preserving)
         else:

@@ -119,15 +119,16 @@ def write_results(rows: list[dict], meta: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 0.6 * len(rows) + 1.6))
     names = [r["condition"] for r in rows][::-1]
     ratios = [r["ratio"] for r in rows][::-1]
-    ax.barh(names, ratios, color="#4c72b0")
+    base = rows[0]["tokens_per_s"] / rows[0]["ratio"]  # median unsteered tokens/s
+    lo = [max(0.0, r["ratio"] - min(r["all_tokens_per_s"]) / base) for r in rows][::-1]
+    hi = [max(0.0, max(r["all_tokens_per_s"]) / base - r["ratio"]) for r in rows][::-1]
+    ax.barh(names, ratios, color="#4c72b0", xerr=[lo, hi], capsize=4, ecolor="#555")
     ax.axvline(1.0, color="k", lw=0.8)
     ax.axvline(0.95, color="r", ls="--", lw=0.8, label="0.95 target")
     for i, r in enumerate(rows[::-1]):
-        ax.text(
-            min(r["ratio"], 1.2) + 0.01, i, f"{r['ratio']:.3f}  ({r['tokens_per_s']:.0f} tok/s)", va="center"
-        )
-    ax.set_xlim(0, 1.45)
-    ax.set_xlabel("throughput relative to unsteered (same engine, same run)")
+        ax.text(1.3, i, f"{r['ratio']:.3f}  ({r['tokens_per_s']:.0f} tok/s)", va="center")
+    ax.set_xlim(0, 1.75)
+    ax.set_xlabel("throughput / median unsteered (bar: median of runs; whiskers: min-max run)")
     ax.set_title(
         f"roast-vllm, {meta['mode']} mode, {meta['num_prompts']} prompts x {meta['max_tokens']} tokens, "
         f"{meta['device']}",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from roast_vllm.kernels.grouped_css import MODES, css, grouped_css, grouped_css_ref, grouped_css_triton
 
 L = 2
@@ -63,7 +62,9 @@ def test_reference_matches_plain_math():
         want.append(torch.stack(betas).mean(0))
     torch.testing.assert_close(grouped_css_ref(D, w, g), torch.stack(want))
     mu = (w[:, None] * D).sum(1) / w.sum()
-    torch.testing.assert_close(grouped_css_ref(D, w, g, "l2", grouped=False), mu / mu.norm(dim=-1, keepdim=True))
+    torch.testing.assert_close(
+        grouped_css_ref(D, w, g, "l2", grouped=False), mu / mu.norm(dim=-1, keepdim=True)
+    )
 
 
 @pytest.mark.parametrize("impl", [grouped_css_ref, grouped_css_triton], ids=["ref", "triton"])

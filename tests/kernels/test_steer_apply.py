@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from roast_vllm.kernels.steer_apply import steer_apply, steer_apply_ref, steer_apply_triton
 
 S = 5
-TOL = {torch.float32: dict(atol=1e-6, rtol=1e-6), torch.bfloat16: dict(atol=0, rtol=8e-3),
-       torch.float16: dict(atol=1e-3, rtol=1e-3)}
+TOL = {
+    torch.float32: dict(atol=1e-6, rtol=1e-6),
+    torch.bfloat16: dict(atol=0, rtol=8e-3),
+    torch.float16: dict(atol=1e-3, rtol=1e-3),
+}
 
 
 def make(T, H, dtype, seed=0):
@@ -28,7 +30,9 @@ def bits(x):
 
 
 @pytest.mark.parametrize("energy", [False, True], ids=["add", "energy"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
+)
 @pytest.mark.parametrize("T", [1, 63])
 @pytest.mark.parametrize("H", [64, 576, 769, 5120], ids=lambda h: f"H{h}")
 def test_kernel_matches_reference(H, T, dtype, energy):
