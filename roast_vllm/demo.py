@@ -23,7 +23,12 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None)
     p.add_argument("--out", type=Path, default=Path("demo_out"))
-    p.add_argument("--scale", type=float, default=6.0)
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=0.25,
+        help="raw mean-difference vectors are large: 0.25 on 15 layers is strong",
+    )
     p.add_argument("--layers", default="6-20")
     p.add_argument("--compile", action="store_true", help="vLLM compile mode (slower start, ~3 min here)")
     p.add_argument("--num-prompts", type=int, default=32)

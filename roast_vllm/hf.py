@@ -88,13 +88,22 @@ def teacher_forced_logprobs(model, prompt_ids, gen_ids, vector=None, spec=None) 
     return torch.log_softmax(logits[p - 1 : p - 1 + len(gen_ids)].float(), -1)
 
 
+def _pool(h: torch.Tensor, reduce: str) -> torch.Tensor:
+    """``h [T, H]`` -> ``[H]``. ``mean`` skips the first token: it carries the model's
+    massive "attention sink" activation, whose 1/T share would make a mean-difference
+    vector mostly a function of the two prompt sets' lengths."""
+    if reduce == "last":
+        return h[-1]
+    return h[1:].mean(0) if h.shape[0] > 1 else h[0]
+
+
 @torch.no_grad()
 def capture_residual(
     model, tok, texts: list[str], layers: list[int], reduce: str = "last", progress: bool = True
 ) -> torch.Tensor:
     """Residual stream after each layer in ``layers`` for each text:
     ``[len(layers), len(texts), hidden]`` float32. ``reduce``: ``last`` token or ``mean``
-    over tokens."""
+    over tokens (first token excluded)."""
     from tqdm import tqdm
 
     outs = []
@@ -112,9 +121,7 @@ def capture_residual(
         for t in tqdm(texts, desc="capturing activations", disable=not progress):
             ids = tok(t, return_tensors="pt").input_ids  # one at a time: no padding to get wrong
             model(ids, use_cache=False)
-            outs.append(
-                torch.stack([captured[l][-1] if reduce == "last" else captured[l].mean(0) for l in layers])
-            )
+            outs.append(torch.stack([_pool(captured[l], reduce) for l in layers]))
     finally:
         for hd in handles:
             hd.remove()

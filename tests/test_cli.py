@@ -1,0 +1,132 @@
+"""The command line, without an engine: argument parsing, prompt files, `caa`, and the
+`vllm serve` command that `roast-vllm serve` builds."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from roast_vllm import SteeringVector
+from roast_vllm.cli import _layers, _read_prompts, main
+
+
+def test_layers_syntax():
+    assert _layers("3") == [3]
+    assert _layers("1,4-6, 9") == [1, 4, 5, 6, 9]
+    assert _layers(None) is None
+
+
+def test_read_prompts(tmp_path):
+    (tmp_path / "a.txt").write_text("one\n\ntwo\n")
+    (tmp_path / "b.jsonl").write_text('{"prompt": "x"}\n{"question": "y"}\n')
+    (tmp_path / "c.jsonl").write_text('{"other": 1}\n')
+    (tmp_path / "d.jsonl").write_text("not json\n")
+    assert _read_prompts(str(tmp_path / "a.txt")) == ["one", "two"]
+    assert _read_prompts(str(tmp_path / "b.jsonl")) == ["x", "y"]
+    with pytest.raises(SystemExit, match="needs a 'prompt'"):
+        _read_prompts(str(tmp_path / "c.jsonl"))
+    with pytest.raises(SystemExit, match="not JSON"):
+        _read_prompts(str(tmp_path / "d.jsonl"))
+    with pytest.raises(SystemExit, match="does not exist"):
+        _read_prompts(str(tmp_path / "missing.txt"))
+
+
+def test_caa_builds_a_mean_difference_vector(model_dir, tmp_path):
+    from roast_vllm.demo import DATA
+    from roast_vllm.hf import capture_residual, load_hf
+
+    out = tmp_path / "happy.safetensors"
+    main(
+        [
+            "caa",
+            "--model",
+            model_dir,
+            "--positive",
+            str(DATA / "happy.txt"),
+            "--negative",
+            str(DATA / "sad.txt"),
+            "--layers",
+            "6-8",
+            "--out",
+            str(out),
+        ]
+    )
+    v = SteeringVector.load(out)
+    assert v.layers == [6, 7, 8] and v.method == "caa" and v.hidden_size == 576 and v.num_layers == 30
+    model, tok = load_hf(model_dir, dtype=torch.float32)
+    pos = DATA.joinpath("happy.txt").read_text().splitlines()[:3]
+    neg = DATA.joinpath("sad.txt").read_text().splitlines()[:3]
+    # the CLI's vector is exactly mean(h+) - mean(h-) of the captured stream
+    hp = capture_residual(
+        model, tok, DATA.joinpath("happy.txt").read_text().splitlines(), [7], reduce="mean", progress=False
+    )
+    hn = capture_residual(
+        model, tok, DATA.joinpath("sad.txt").read_text().splitlines(), [7], reduce="mean", progress=False
+    )
+    torch.testing.assert_close(v.directions[7], (hp.mean(1) - hn.mean(1))[0])
+    # and it points from sad to happy text on held-in examples
+    a = capture_residual(model, tok, pos, [7], reduce="mean", progress=False)[0] @ v.directions[7]
+    b = capture_residual(model, tok, neg, [7], reduce="mean", progress=False)[0] @ v.directions[7]
+    assert float(a.min()) > float(b.max())
+
+
+def test_serve_dry_run_prints_the_vllm_command(model_dir, tmp_path):
+    vec = SteeringVector.random(30, 576).save(tmp_path / "v.safetensors")
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "roast_vllm.cli",
+            "serve",
+            "--model",
+            model_dir,
+            "--vector",
+            f"v={vec}",
+            "--dry-run",
+            "--",
+            "--port",
+            "8123",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.strip().splitlines()[-1]
+    for piece in (
+        "RoastLlamaForCausalLM",
+        "roast_vllm.engine.tracker:SteeringBatchTracker",
+        "roast_vllm.engine.scheduler.SteeringScheduler",
+        "--additional-config",
+        "--port 8123",
+        "ROAST_VLLM_CONFIG=",
+    ):
+        assert piece in line, piece
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "roast_vllm.cli",
+            "serve",
+            "--model",
+            model_dir,
+            "--vector",
+            "oops",
+            "--dry-run",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode != 0 and "NAME=FILE" in bad.stderr + bad.stdout
+
+
+def test_config_json_roundtrip():
+    from roast_vllm.config import RoastConfig
+
+    c = RoastConfig(max_steering_slots=8, vectors={"a": "/x.safetensors"}, num_layers=30)
+    assert RoastConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    with pytest.raises(ValueError, match="unknown roast config keys"):
+        RoastConfig.from_dict({"slots": 3})
+    with pytest.raises(ValueError, match=">= 1"):
+        RoastConfig(max_steering_slots=0)
