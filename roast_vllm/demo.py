@@ -111,18 +111,22 @@ def main(argv=None) -> None:
     )
 
     names = register_random_vectors(llm, 16)
-    rows = measure(llm, build_prompts(args.num_prompts), [16], names, args.max_tokens, repeats=1)
+    rows = measure(llm, build_prompts(args.num_prompts), [16], names, args.max_tokens, repeats=2)
     meta = {
         "model": model,
         "mode": "compile" if args.compile else "eager",
         "num_prompts": args.num_prompts,
         "max_tokens": args.max_tokens,
-        "repeats": 1,
+        "repeats": 2,
         "device": "cpu",
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
     }
     write_results(rows, meta, args.out)
     print_table(rows, meta)
+    print(
+        "(a short eager run: on this busy 2-core machine single runs vary by +-15%; the README's "
+        "compile-mode table comes from `make bench`, 5 interleaved repeats)"
+    )
     print(
         f"\ndemo done in {time.perf_counter() - t_all:.0f} s; outputs in {args.out}/ "
         "(for the full compile-mode benchmark: make bench)"
