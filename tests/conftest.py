@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 
 import pytest
 
@@ -80,3 +81,8 @@ def assert_greedy_match(ref_outputs, test_ids, min_coverage: float = 0.5) -> flo
         total += len(ref)
     assert compared / total >= min_coverage, f"only {compared}/{total} tokens before a tie"
     return compared / total
+
+
+def roast_cli(*args: str) -> list[str]:
+    """argv that runs ``roast-vllm ARGS`` with this interpreter (no PATH needed)."""
+    return [sys.executable, "-m", "roast_vllm.cli", *args]

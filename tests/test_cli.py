@@ -3,10 +3,10 @@
 
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import roast_cli
 
 from roast_vllm import SteeringVector
 from roast_vllm.cli import _layers, _read_prompts, main
@@ -75,20 +75,7 @@ def test_caa_builds_a_mean_difference_vector(model_dir, tmp_path):
 def test_serve_dry_run_prints_the_vllm_command(model_dir, tmp_path):
     vec = SteeringVector.random(30, 576).save(tmp_path / "v.safetensors")
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "roast_vllm.cli",
-            "serve",
-            "--model",
-            model_dir,
-            "--vector",
-            f"v={vec}",
-            "--dry-run",
-            "--",
-            "--port",
-            "8123",
-        ],
+        roast_cli("serve", "--model", model_dir, "--vector", f"v={vec}", "--dry-run", "--", "--port", "8123"),
         capture_output=True,
         text=True,
     )
@@ -104,17 +91,7 @@ def test_serve_dry_run_prints_the_vllm_command(model_dir, tmp_path):
     ):
         assert piece in line, piece
     bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "roast_vllm.cli",
-            "serve",
-            "--model",
-            model_dir,
-            "--vector",
-            "oops",
-            "--dry-run",
-        ],
+        roast_cli("serve", "--model", model_dir, "--vector", "oops", "--dry-run"),
         capture_output=True,
         text=True,
     )

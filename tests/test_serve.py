@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from conftest import roast_cli
 
 from roast_vllm import SteeringVector
 
@@ -44,10 +44,7 @@ def server(model_dir, tmp_path_factory):
     port = _free_port()
     log = open(tmp_path_factory.mktemp("log") / "serve.log", "w")
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "roast_vllm.cli",
+        roast_cli(
             "serve",
             "--model",
             model_dir,
@@ -67,7 +64,7 @@ def server(model_dir, tmp_path_factory):
             "1024",
             "--seed",
             "0",
-        ],
+        ),
         stdout=log,
         stderr=subprocess.STDOUT,
     )
