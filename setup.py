@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["roast_vllm", "roast_vllm.engine", "roast_vllm.models", "roast_vllm.kernels"],
+    packages=["roast_vllm", "roast_vllm.engine", "roast_vllm.models", "roast_vllm.kernels", "roast_vllm.tasks"],
     # kernels/ stays a top-level folder in the repo but installs as roast_vllm.kernels,
     # so no package called `kernels` lands in site-packages.
     package_dir={"roast_vllm.kernels": "kernels"},

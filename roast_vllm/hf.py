@@ -31,8 +31,9 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 @contextmanager
 def steering_hooks(model, vector: SteeringVector, spec: SteerSpec, prompt_len: int):
-    """Add ``spec.scale * v_l`` to the output of each steered layer, at the absolute
-    positions ``spec.token_range(prompt_len)`` (inputs must start at position 0)."""
+    """Add ``spec.scale * v_l`` to the output of each steered layer (``mlp_act`` vectors:
+    of the layer's ``mlp.act_fn``, SiLU(gate)), at the absolute positions
+    ``spec.token_range(prompt_len)`` (inputs must start at position 0)."""
     layers = spec.layers if spec.layers is not None else tuple(vector.layers)
     lo, hi = spec.token_range(prompt_len)
     handles = []
@@ -46,7 +47,8 @@ def steering_hooks(model, vector: SteeringVector, spec: SteerSpec, prompt_len: i
             h = h + mask * delta.to(h.device)
             return (h, *out[1:]) if isinstance(out, tuple) else h
 
-        handles.append(decoder_layers(model)[l].register_forward_hook(hook))
+        mod = decoder_layers(model)[l]
+        handles.append((mod.mlp.act_fn if vector.site == "mlp_act" else mod).register_forward_hook(hook))
     try:
         yield
     finally:
@@ -126,3 +128,37 @@ def capture_residual(
         for hd in handles:
             hd.remove()
     return torch.stack(outs).transpose(0, 1).contiguous()
+
+
+@torch.no_grad()
+def capture_last_token(
+    model, token_ids: list[list[int]], layers: list[int], sites=("residual", "mlp_act")
+) -> dict[str, torch.Tensor]:
+    """Forward-hook reference of ``roast_vllm.capture.capture_activations``:
+    ``{site: [len(layers), N, dim]}`` float32 at each sequence's last token. ``mlp_act`` is
+    the output of ``mlp.act_fn`` (SiLU(gate_proj x), before the multiply by up_proj)."""
+    captured: dict[tuple[str, int], torch.Tensor] = {}
+
+    def make_hook(site, l):
+        def hook(_mod, _inp, out):
+            captured[(site, l)] = (out[0] if isinstance(out, tuple) else out)[0, -1].float()
+
+        return hook
+
+    handles = []
+    for l in layers:
+        layer = decoder_layers(model)[l]
+        if "residual" in sites:
+            handles.append(layer.register_forward_hook(make_hook("residual", l)))
+        if "mlp_act" in sites:
+            handles.append(layer.mlp.act_fn.register_forward_hook(make_hook("mlp_act", l)))
+    out: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
+    try:
+        for ids in token_ids:
+            model(torch.tensor([list(ids)]), use_cache=False)
+            for s in sites:
+                out[s].append(torch.stack([captured[(s, l)] for l in layers]))
+    finally:
+        for hd in handles:
+            hd.remove()
+    return {s: torch.stack(v, 1) for s, v in out.items()}

@@ -49,6 +49,12 @@ def steering_engine_kwargs(
     return kw
 
 
+def site_dim(dims: dict, site: str) -> int:
+    """Activation size at ``site``: hidden size for the residual stream, MLP width for
+    ``mlp_act``."""
+    return dims["intermediate_size"] if site == "mlp_act" else dims["hidden_size"]
+
+
 def _async_scheduling(kw: dict[str, Any]) -> bool:
     if kw.get("async_scheduling") is not None:
         return bool(kw["async_scheduling"])
@@ -84,7 +90,7 @@ def LLM(
     vecs = {name: SteeringVector.load(p) for name, p in (vectors or {}).items()}
     dims = model_dims(model)
     for v in vecs.values():
-        v.validate_for(dims["num_layers"], dims["hidden_size"])
+        v.validate_for(dims["num_layers"], site_dim(dims, v.site))
     kw = steering_engine_kwargs(
         model,
         max_steering_slots,
@@ -113,7 +119,19 @@ def register_vector(llm, name: str, vector: SteeringVector | str | Path) -> None
     dims = getattr(llm, "roast_dims", None)
     if dims is None:
         raise ValueError("this engine has no steering; create it with roast_vllm.LLM(...)")
-    vector.validate_for(dims["num_layers"], dims["hidden_size"])
+    vector.validate_for(dims["num_layers"], site_dim(dims, vector.site))
     llm.collective_rpc("roast_register_vector", args=(name, vector.to_bytes()))
     registry.add(name, vector)
     llm.reset_prefix_cache()
+
+
+def shutdown(llm) -> None:
+    """Stop an engine's processes now (before starting another on a small machine)."""
+    import gc
+
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # already gone
+        pass
+    del llm
+    gc.collect()

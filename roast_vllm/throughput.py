@@ -53,9 +53,11 @@ def measure(
     max_tokens: int,
     scale: float = 4.0,
     repeats: int = 3,
+    extra_conditions: dict[str, dict] | None = None,
 ) -> list[dict]:
     """Rows ``{condition, tokens_per_s, ratio, runs}``: unsteered, one shared vector on
-    every layer, and K distinct per-request vectors on every layer for each K in ``ks``."""
+    every layer, and K distinct per-request vectors on every layer for each K in ``ks``;
+    plus ``{name: steer_* args}`` of ``extra_conditions`` (every request steered alike)."""
     from tqdm import tqdm
     from vllm import SamplingParams
 
@@ -78,6 +80,8 @@ def measure(
                 [params({"steer_vector": names[i % k], "steer_scale": scale}) for i in range(len(prompts))],
             )
         )
+    for name, extra in (extra_conditions or {}).items():
+        conditions.append((name, [params(extra)] * len(prompts)))
     llm.generate(prompts[: min(8, len(prompts))], params(None), use_tqdm=False)  # warm-up
     timings: dict[str, list[float]] = {name: [] for name, _ in conditions}
     for rep in range(repeats):

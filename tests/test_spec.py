@@ -93,3 +93,14 @@ def test_cache_salt_distinguishes_configs():
     assert a != SteerSpec("v", 1.0, (1,), "all").cache_salt()
     assert a != SteerSpec("v", 1.0, None, "prompt").cache_salt()
     assert a != SteerSpec("w", 1.0, None, "all").cache_salt()
+
+
+def test_steer_start_overrides_the_scope():
+    s = parse_steer_args({"steer_vector": "v", "steer_start": "7"})
+    assert s.start == 7 and s.token_range(20) == (7, 1 << 62)
+    assert s.cache_salt() != parse_steer_args({"steer_vector": "v"}).cache_salt()
+    for bad in (-1, 1.5, "x", True):
+        with pytest.raises(SteeringRequestError, match="steer_start"):
+            parse_steer_args({"steer_vector": "v", "steer_start": bad})
+    with pytest.raises(SteeringRequestError, match="not both"):
+        parse_steer_args({"steer_vector": "v", "steer_start": 3, "steer_positions": "all"})

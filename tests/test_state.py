@@ -94,3 +94,73 @@ def test_register_checks_model_fit(st):
         st.register_vector("x", SteeringVector(directions={0: torch.ones(3)}))
     with pytest.raises(SteeringVectorError, match="4 layers"):
         st.register_vector("x", SteeringVector(directions={9: torch.ones(H)}))
+
+
+I = 12  # MLP width of the toy model
+
+
+@pytest.fixture
+def st_mlp():
+    s = SteeringState(L, H, max_slots=3, max_num_seqs=4, max_num_tokens=32, dtype=torch.float32, mlp_size=I)
+    s.register_vector("r", SteeringVector(directions={1: torch.ones(H)}))
+    s.register_vector(
+        "m", SteeringVector(directions={1: torch.arange(I, dtype=torch.float32)}, site="mlp_act")
+    )
+    return s
+
+
+def test_mlp_act_slot_fills_its_own_table(st_mlp):
+    i = st_mlp.acquire(SteerSpec("m", 2.0))
+    j = st_mlp.acquire(SteerSpec("r", 1.0))
+    assert torch.equal(st_mlp.mlp_table[1, i], torch.arange(I, dtype=torch.float32))
+    assert torch.count_nonzero(st_mlp.table[:, i]) == 0  # residual row of an mlp slot: zero
+    assert torch.count_nonzero(st_mlp.mlp_table[:, j]) == 0
+    # (SiLU(g) + s * v) * up == SiluAndMul(g, up) + s * v * up
+    st_mlp.set_row(0, SteerSpec("m", 2.0), prompt_len=1)
+    st_mlp.token_slot[:2] = torch.tensor([i, 0])
+    gate_up = torch.randn(2, 2 * I)
+    g, up = gate_up[:, :I], gate_up[:, I:]
+    act = torch.nn.functional.silu(g) * up
+    out = st_mlp.apply_mlp(1, act.clone(), gate_up)
+    want0 = (torch.nn.functional.silu(g[0]) + 2.0 * torch.arange(I)) * up[0]
+    torch.testing.assert_close(out[0], want0)
+    assert torch.equal(out[1], act[1])  # unsteered token untouched
+
+
+def test_mlp_act_vector_needs_the_site(st):
+    from roast_vllm import SteeringVectorError
+
+    with pytest.raises(SteeringVectorError, match="mlp_act_site"):
+        st.register_vector("m", SteeringVector(directions={1: torch.ones(I)}, site="mlp_act"))
+
+
+def test_tensor_parallel_rank_takes_its_mlp_columns():
+    s = SteeringState(L, H, 1, 2, 8, torch.float32, mlp_size=I, mlp_shard=(1, 2))
+    s.register_vector(
+        "m", SteeringVector(directions={0: torch.arange(I, dtype=torch.float32)}, site="mlp_act")
+    )
+    k = s.acquire(SteerSpec("m", 1.0))
+    assert s.mlp_table.shape[-1] == I // 2
+    assert torch.equal(s.mlp_table[0, k], torch.arange(I // 2, I, dtype=torch.float32))
+
+
+def test_capture_records_last_prompt_token_and_follows_moves(st_mlp, monkeypatch):
+    st_mlp.capture_layers = (1, 3)
+    st_mlp.set_capture(0, "c0", prompt_len=3)  # wants position 2
+    st_mlp.set_capture(1, "c1", prompt_len=2)  # wants position 1
+    st_mlp.move_row(1, 2, swap=False)  # condense: c1 now in row 2
+    qsl = torch.tensor([0, 3, 3, 5], dtype=torch.int32)  # row 1 empty this step
+    monkeypatch.setattr(state_mod, "_query_start_loc", lambda: qsl)
+    st_mlp.prepare(torch.tensor([0, 1, 2, 0, 1]))
+    hidden, resid = torch.randn(5, H), torch.randn(5, H)
+    gate_up = torch.randn(5, 2 * I)
+    for layer in range(L):
+        st_mlp.capture_residual(layer, hidden + layer, resid)
+        st_mlp.apply_mlp(layer, torch.zeros(5, I), gate_up)
+    caps = st_mlp.pop_captures(["c0", "c1"])
+    torch.testing.assert_close(
+        caps["c0"]["residual"], torch.stack([hidden[2] + l + resid[2] for l in (1, 3)])
+    )
+    torch.testing.assert_close(caps["c1"]["residual"][1], hidden[4] + 3 + resid[4])
+    torch.testing.assert_close(caps["c1"]["mlp_act"][0], torch.nn.functional.silu(gate_up[4, :I]))
+    assert st_mlp.pop_captures(["c0"]) == {}  # popped once

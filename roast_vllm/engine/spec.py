@@ -11,6 +11,9 @@ steer_vector       name of a registered vector                             (requ
 steer_scale        float multiplier                                        1.0
 steer_layers       list of layer ints                                      vector's own
 steer_positions    all | prompt | generated | last_prompt_and_generated    all
+steer_start        int: steer absolute positions >= this one (overrides    (unset)
+                   steer_positions; for scoring a continuation that is
+                   part of the prompt, e.g. ``len(question) - 1``)
 =================  ======================================================  ===========
 """
 
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 POSITIONS = ("all", "prompt", "generated", "last_prompt_and_generated")
-KEYS = ("steer_vector", "steer_scale", "steer_layers", "steer_positions")
+KEYS = ("steer_vector", "steer_scale", "steer_layers", "steer_positions", "steer_start")
 _NO_LIMIT = 1 << 62
 
 
@@ -38,6 +41,7 @@ class SteerSpec:
     scale: float = 1.0
     layers: tuple[int, ...] | None = None  # None: every layer the vector has
     positions: str = "all"
+    start: int | None = None  # steer positions >= start (overrides ``positions``)
 
     @property
     def slot_key(self) -> tuple:
@@ -49,11 +53,13 @@ class SteerSpec:
         """Prefix-cache salt: KV computed under this steering must only be reused by
         requests with the same steering (see README, "Prefix caching")."""
         return "roast:" + json.dumps(
-            [self.vector, repr(self.scale), self.layers, self.positions], separators=(",", ":")
+            [self.vector, repr(self.scale), self.layers, self.positions, self.start], separators=(",", ":")
         )
 
     def token_range(self, prompt_len: int) -> tuple[int, int]:
         """``[lo, hi)`` of absolute token positions that are steered."""
+        if self.start is not None:
+            return self.start, _NO_LIMIT
         if self.positions == "all":
             return 0, _NO_LIMIT
         if self.positions == "prompt":
@@ -125,7 +131,18 @@ def parse_steer_args(extra_args: dict[str, Any] | None) -> SteerSpec | None:
     positions = present.get("steer_positions", "all")
     if positions not in POSITIONS:
         raise SteeringRequestError(f"steer_positions={positions!r} is not one of {list(POSITIONS)}")
-    return SteerSpec(vector=name, scale=scale, layers=layers, positions=positions)
+    start = None
+    if "steer_start" in present:
+        v = present["steer_start"]
+        try:
+            start = int(v)
+        except (TypeError, ValueError):
+            raise SteeringRequestError(f"steer_start must be a non-negative int, got {v!r}") from None
+        if isinstance(v, bool) or (isinstance(v, float) and v != start) or start < 0:
+            raise SteeringRequestError(f"steer_start must be a non-negative int, got {v!r}")
+        if "steer_positions" in present:
+            raise SteeringRequestError("give steer_positions or steer_start, not both")
+    return SteerSpec(vector=name, scale=scale, layers=layers, positions=positions, start=start)
 
 
 @dataclass(frozen=True)

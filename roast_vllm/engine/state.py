@@ -5,6 +5,8 @@ Shapes (``L`` layers, ``S = max_steering_slots + 1`` slots, ``H`` hidden, ``R`` 
 
     table       [L, S, H]  fp32; table[l, s] = v_s[l] (0 where slot s does not steer
                            layer l); slot 0 is all zeros = "no steering"
+    mlp_table   [L, S, I]  fp32, the same for ``mlp_act`` vectors (I = MLP width on
+                           this rank); a slot's row is zero in the table of the other site
     slot_scale  [S]        fp32 scale of each slot (0 for slot 0)
     token_slot  [T]        int64, the slot of each token of the current step
     row_slot    [R]        slot of the request in each persistent-batch row
@@ -17,6 +19,14 @@ are updated in place, so
 torch.compile never bakes a vector or a batch composition into the graph, and any mix
 of requests (steered or not, prefill chunks and decodes) runs in one batch. Rows whose
 slot is 0 are left untouched, bit for bit.
+
+``mlp_act`` steering adds ``delta`` to SiLU(gate) before the multiply by ``up``; since
+``(SiLU(g) + delta) * up = SiluAndMul(g, up) + delta * up``, the stock fused activation
+stays and the add is ``delta * up`` (exactly 0 for unsteered tokens).
+
+Activation capture (eager engines only): a request with ``extra_args["roast_capture"] =
+id`` records, at its last prompt token, the residual stream after every capture layer
+and the ``mlp_act`` activation, kept here until ``pop_captures`` takes them.
 """
 
 from __future__ import annotations
@@ -63,10 +73,16 @@ class SteeringState(nn.Module):
         max_num_tokens: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        mlp_size: int = 0,
+        mlp_shard: tuple[int, int] = (0, 1),
+        compiled: bool = False,
     ) -> None:
         super().__init__()
         self.num_layers = num_layers
         self.hidden_size = hidden_size
+        self.mlp_size = mlp_size  # full MLP width (0: mlp_act site off)
+        self.mlp_shard = mlp_shard  # (tensor-parallel rank, world size)
+        self.compiled = compiled
         self.max_slots = max_slots
         self.max_num_seqs = max_num_seqs
         self.max_num_tokens = max_num_tokens
@@ -74,6 +90,12 @@ class SteeringState(nn.Module):
         self.register_buffer(
             "table",
             torch.zeros(num_layers, max_slots + 1, hidden_size, dtype=torch.float32, device=device),
+            persistent=False,
+        )
+        i_local = mlp_size // mlp_shard[1]
+        self.register_buffer(
+            "mlp_table",
+            torch.zeros(num_layers, max_slots + 1, i_local, dtype=torch.float32, device=device),
             persistent=False,
         )
         self.register_buffer(
@@ -106,13 +128,27 @@ class SteeringState(nn.Module):
         self._free = list(range(max_slots, 0, -1))  # pop() gives 1, 2, ...
         self._row_spec: dict[int, int] = {}  # row -> slot index
 
+        # capture: row -> (capture id, absolute position to record)
+        self.capture_layers: tuple[int, ...] = tuple(range(num_layers))
+        self.capture_sites: tuple[str, ...] = ("residual", "mlp_act") if mlp_size else ("residual",)
+        self._capture_rows: dict[int, tuple[str, int]] = {}
+        self._cap_index: torch.Tensor | None = None  # token indices of this step's captures
+        self._cap_ids: list[str] = []
+        self._cap_step: dict[str, dict[str, list[torch.Tensor | None]]] = {}
+        self._cap_layer_pos: dict[int, int] = {}
+        self.captures: dict[str, dict[str, torch.Tensor]] = {}
+
     # ------------------------------------------------------------ vectors
     def register_vector(self, name: str, vector: SteeringVector) -> None:
-        if vector.site != "residual":
-            raise SteeringVectorError(
-                f"vector {name!r} targets site {vector.site!r}; this engine steers the residual stream only"
-            )
-        vector.validate_for(self.num_layers, self.hidden_size)
+        if vector.site == "mlp_act":
+            if not self.mlp_size:
+                raise SteeringVectorError(
+                    f"vector {name!r} targets site 'mlp_act', which this engine has switched off; "
+                    "start it with the roast config's mlp_act_site=True (the default)"
+                )
+            vector.validate_for(self.num_layers, self.mlp_size)
+        else:
+            vector.validate_for(self.num_layers, self.hidden_size)
         self.vectors[name] = vector
         # Slots built from the old vector keep serving the requests that hold them;
         # unreferenced ones are dropped so later requests rebuild from the new vector.
@@ -143,10 +179,15 @@ class SteeringState(nn.Module):
                 )
             index = self._free.pop()
             layers = spec.layers if spec.layers is not None else tuple(vec.layers)
-            rows = torch.zeros(self.num_layers, self.hidden_size, dtype=torch.float32)
+            mlp = vec.site == "mlp_act"
+            width = self.mlp_table.shape[-1] if mlp else self.hidden_size
+            rows = torch.zeros(self.num_layers, width, dtype=torch.float32)
+            rank, world = self.mlp_shard if mlp else (0, 1)
             for l in layers:
-                rows[l] = vec.directions[l]
-            self.table[:, index].copy_(rows)
+                # tensor parallel: this rank's MLP columns are one contiguous slice
+                rows[l] = vec.directions[l][rank * width : (rank + 1) * width]
+            (self.mlp_table if mlp else self.table)[:, index].copy_(rows)
+            (self.table if mlp else self.mlp_table)[:, index].zero_()
             self.slot_scale[index] = spec.scale
             slot = _Slot(index, key)
             self._slots[key] = slot
@@ -191,7 +232,14 @@ class SteeringState(nn.Module):
         self.num_steered_rows += 1
         self._rows_dirty = True
 
+    def set_capture(self, row: int, capture_id: str | None, prompt_len: int) -> None:
+        """Record the activations of ``row``'s last prompt token under ``capture_id``."""
+        self._capture_rows.pop(row, None)
+        if capture_id is not None:
+            self._capture_rows[row] = (capture_id, prompt_len - 1)
+
     def clear_row(self, row: int) -> None:
+        self._capture_rows.pop(row, None)
         index = self._row_spec.pop(row, None)
         if index is None:
             return
@@ -201,6 +249,11 @@ class SteeringState(nn.Module):
         self._rows_dirty = True
 
     def move_row(self, src: int, dst: int, swap: bool) -> None:
+        ca, cb = self._capture_rows.pop(src, None), self._capture_rows.pop(dst, None)
+        if ca is not None:
+            self._capture_rows[dst] = ca
+        if swap and cb is not None:
+            self._capture_rows[src] = cb
         a, b = self._row_spec.pop(src, None), self._row_spec.pop(dst, None)
         if swap:
             if a is not None:
@@ -241,6 +294,7 @@ class SteeringState(nn.Module):
                 f"roast-vllm: step has {n} tokens but steering buffers hold "
                 f"{self.max_num_tokens}; raise max_num_batched_tokens consistently"
             )
+        self._prepare_capture(positions)
         if self.num_steered_rows == 0:
             if self._tokens_dirty:
                 self.token_slot.zero_()
@@ -264,6 +318,87 @@ class SteeringState(nn.Module):
         if not torch.compiler.is_compiling() and self.num_steered_rows == 0:
             return h  # eager fast path; a compiled graph always runs the (no-op) op
         return steer_apply(h, self.table[layer], self.token_slot[: h.shape[0]], self.slot_scale)
+
+    def apply_mlp(self, layer: int, act: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+        """``act [n, I] = SiluAndMul(gate_up)``; returns ``act + delta * up`` where
+        ``delta[t] = slot_scale[s] * mlp_table[layer, s]`` (the ``mlp_act`` steering).
+        A capture records SiLU(gate) itself, before steering."""
+        if not torch.compiler.is_compiling():
+            if self._cap_index is not None and "mlp_act" in self.capture_sites:
+                gate = gate_up[..., : act.shape[-1]]
+                self._record(layer, "mlp_act", torch.nn.functional.silu(gate[self._cap_index].float()))
+            if self.num_steered_rows == 0:
+                return act
+        n = act.shape[0]
+        delta = steer_apply(
+            torch.zeros_like(act), self.mlp_table[layer], self.token_slot[:n], self.slot_scale
+        )
+        return act + delta * gate_up[..., act.shape[-1] :]
+
+    # ------------------------------------------------------------ capture
+    def capture_residual(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
+        """Eager only: record the residual stream ``hidden + residual`` after ``layer``
+        (called before this layer's steering: captures read the model's own activations)."""
+        if self._cap_index is None or "residual" not in self.capture_sites:
+            return
+        idx = self._cap_index
+        h = hidden[idx].float()
+        if residual is not None:
+            h = h + residual[idx].float()
+        self._record(layer, "residual", h)
+
+    def _record(self, layer: int, site: str, rows: torch.Tensor) -> None:
+        if layer not in self._cap_layer_pos:
+            return
+        k = self._cap_layer_pos[layer]
+        for i, cid in enumerate(self._cap_ids):
+            self._cap_step[cid][site][k] = rows[i].cpu()
+
+    def _prepare_capture(self, positions: torch.Tensor) -> None:
+        self._finish_capture_step()
+        if not self._capture_rows:
+            return
+        qsl = _query_start_loc()
+        if qsl is None:
+            return
+        if self.compiled:
+            logger.error(
+                "roast-vllm: activation capture needs an eager engine (enforce_eager=True); "
+                "%d capture request(s) get no activations",
+                len(self._capture_rows),
+            )
+            self._capture_rows.clear()
+            return
+        starts = qsl.tolist()
+        pos = positions.tolist()
+        idx, ids = [], []
+        for row, (cid, at) in list(self._capture_rows.items()):
+            if row + 1 >= len(starts):
+                continue
+            for t in range(starts[row], starts[row + 1]):
+                if pos[t] == at:
+                    idx.append(t)
+                    ids.append(cid)
+                    del self._capture_rows[row]
+                    break
+        if idx:
+            self._cap_index = torch.tensor(idx, device=positions.device)
+            self._cap_ids = ids
+            self._cap_layer_pos = {l: k for k, l in enumerate(self.capture_layers)}
+            nl = len(self.capture_layers)
+            self._cap_step = {cid: {s: [None] * nl for s in self.capture_sites} for cid in ids}
+
+    def _finish_capture_step(self) -> None:
+        """Move last step's per-layer rows into ``captures`` (``[len(layers), dim]``)."""
+        if self._cap_index is None:
+            return
+        for cid, sites in self._cap_step.items():
+            self.captures[cid] = {s: torch.stack(rows) for s, rows in sites.items() if None not in rows}
+        self._cap_index, self._cap_ids, self._cap_step = None, [], {}
+
+    def pop_captures(self, ids: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+        self._finish_capture_step()
+        return {cid: self.captures.pop(cid) for cid in ids if cid in self.captures}
 
 
 def _query_start_loc() -> torch.Tensor | None:

