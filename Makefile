@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint format bench bench-kernels clean
+.PHONY: setup demo test test-fast lint format bench bench-kernels bench-roast clean
 
 setup: $(VENV)/.installed
 
@@ -50,6 +50,11 @@ bench: setup
 
 bench-kernels: setup
 	$(PY) benchmarks/bench_kernels.py
+
+# ROAST vs CAA vs baseline on disjoint splits of ../shared/data (about 45 min on 2 CPU cores)
+bench-roast: setup
+	$(PY) -m roast_vllm.cli prepare-model
+	$(PY) benchmarks/bench_roast.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

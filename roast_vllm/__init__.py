@@ -8,7 +8,15 @@ from roast_vllm.vector import SITES, SteeringVector, SteeringVectorError
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "SITES", "SteeringVector", "SteeringVectorError", "capture_activations", "register_vector", "__version__"]
+__all__ = [
+    "LLM",
+    "SITES",
+    "SteeringVector",
+    "SteeringVectorError",
+    "capture_activations",
+    "register_vector",
+    "__version__",
+]
 
 
 def __getattr__(name):

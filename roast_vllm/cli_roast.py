@@ -82,6 +82,7 @@ def _layers_arg(s: str | None) -> list[int] | None:
 # ---------------------------------------------------------------------- rollout
 def cmd_rollout(args) -> None:
     from roast_vllm.rollout import RolloutConfig, read_records, run_rollouts
+    from roast_vllm.tasks import get_task
 
     cfg = RolloutConfig(
         task=args.task,
@@ -97,10 +98,20 @@ def cmd_rollout(args) -> None:
         split_fraction=args.split_fraction,
         split_seed=args.split_seed,
         model=args.model,
+        vector=args.vector,
+        scale=args.scale,
+        layers=_layers_arg(args.layers),
+        positions=args.positions,
     )
     eng, pool = _engine(args)
     out = run_rollouts(cfg, args.out, eng, pool, overwrite=args.overwrite, progress=not args.quiet)
     rows = read_records(out)
+    if not get_task(args.task).has_verifier:
+        toks = sum(r["completion_tokens"] for r in rows)
+        print(
+            f"wrote {out}: {len(rows)} responses ({toks} tokens) to {len({r['qid'] for r in rows})} prompts"
+        )
+        return
     by_q: dict[str, list[bool]] = {}
     for r in rows:
         by_q.setdefault(r["qid"], []).append(bool(r["correct"]))
@@ -119,6 +130,10 @@ def cmd_estimate(args) -> None:
     from roast_vllm.rollout import manifest, read_records
     from roast_vllm.tasks import data_hash, get_task
 
+    if not get_task(args.task).has_verifier:
+        raise SystemExit(
+            f"error: task {args.task!r} has no verifier, so its rollouts have no correct/incorrect pairs"
+        )
     rollouts = read_records(args.rollouts)
     if not rollouts:
         raise SystemExit(f"error: {args.rollouts} has no rollouts")
@@ -281,6 +296,9 @@ def plot_sweep(doc: dict, png: Path) -> None:
 
 
 def add_commands(sub) -> None:
+    from roast_vllm.engine.spec import POSITIONS
+    from roast_vllm.tasks import TASKS
+
     s = sub.add_parser("rollout", help="sample n responses per question and verify them (Ray, resumable)")
     _add_data(s)
     s.add_argument("--out", required=True, help="output .jsonl or .parquet (shards go to OUT.shards/)")
@@ -291,11 +309,15 @@ def add_commands(sub) -> None:
     s.add_argument("--seed", type=int, default=42)
     s.add_argument("--shard-size", type=int, default=16, help="questions per checkpointed shard")
     s.add_argument("--overwrite", action="store_true", help="discard finished shards of an earlier run")
+    s.add_argument("--vector", default=None, help="steer the rollouts with this vector file")
+    s.add_argument("--scale", type=float, default=1.0)
+    s.add_argument("--layers", default=None, help="steer only these layers of the vector")
+    s.add_argument("--positions", default="all", choices=list(POSITIONS))
     _add_engine(s)
     s.set_defaults(func=cmd_rollout)
 
     s = sub.add_parser("estimate", help="ROAST (or CAA) steering vector from rollouts")
-    s.add_argument("--task", required=True)
+    s.add_argument("--task", required=True, choices=TASKS)
     s.add_argument("--data", required=True)
     s.add_argument("--rollouts", required=True, help="output of `roast-vllm rollout`")
     s.add_argument("--out", required=True, help="vector file (.safetensors)")
@@ -324,11 +346,7 @@ def add_commands(sub) -> None:
     s.add_argument("--scale", type=float, default=0.0)
     s.add_argument("--scales", default=None, help="comma-separated sweep, e.g. 0,0.5,1,2")
     s.add_argument("--layers", default=None, help="steer only these layers of the vector")
-    s.add_argument(
-        "--positions",
-        default="last_prompt_and_generated",
-        choices=["all", "prompt", "generated", "last_prompt_and_generated"],
-    )
+    s.add_argument("--positions", default="last_prompt_and_generated", choices=list(POSITIONS))
     s.add_argument("--max-tokens", type=int, default=None)
     s.add_argument("--no-mc", action="store_true", help="skip MC1/MC2 (truthfulqa_mc)")
     _add_engine(s)

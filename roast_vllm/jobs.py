@@ -49,8 +49,10 @@ def sample(
     top_p: float,
     max_tokens: int,
     seed: int,
+    steer: dict[str, Any] | None = None,
 ) -> list[dict]:
-    """``n`` sampled responses per question, verified. One record per response."""
+    """``n`` sampled responses per question, verified (optionally steered: ``steer`` holds
+    ``steer_*`` request keys). One record per response."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -67,6 +69,7 @@ def sample(
                     top_p=top_p,
                     max_tokens=max_tokens,
                     seed=sample_seed(seed, q.qid, j),
+                    extra_args=_steer_args(steer),
                 )
             )
             keys.append((q, j))
@@ -83,7 +86,7 @@ def sample(
                 "response": c.text,
                 "answer": answer,
                 "gold": q.gold,
-                "correct": bool(t.verify(q, c.text)),
+                "correct": bool(t.verify(q, c.text)) if t.has_verifier else None,
                 "prompt_tokens": len(o.prompt_token_ids),
                 "completion_tokens": len(c.token_ids),
                 "finish_reason": c.finish_reason,

@@ -43,7 +43,13 @@ class RolloutConfig:
     split_fraction: float = 0.5
     split_seed: int = 0
     model: str | None = None
+    vector: str | None = None
+    """Steer the rollouts with this vector file (None: unsteered)."""
+    scale: float = 1.0
+    layers: list[int] | None = None
+    positions: str = "all"
     data_sha256: str = field(default="", compare=False)
+    vector_sha256: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         for name, lo in (("n", 1), ("shard_size", 1)):
@@ -107,6 +113,15 @@ def run_rollouts(
 
     task = get_task(cfg.task)
     cfg.data_sha256 = data_hash(cfg.data)
+    steer = None
+    if cfg.vector is not None:
+        from roast_vllm.vector import SteeringVector
+
+        vec_bytes = SteeringVector.load(cfg.vector).to_bytes()
+        cfg.vector_sha256 = data_hash(cfg.vector)
+        steer = {"steer_vector": "rollout", "steer_scale": cfg.scale, "steer_positions": cfg.positions}
+        if cfg.layers is not None:
+            steer["steer_layers"] = list(cfg.layers)
     questions = select(task, cfg.data, cfg.split, cfg.split_fraction, cfg.split_seed, cfg.limit)
     if not questions:
         raise SystemExit(
@@ -131,11 +146,14 @@ def run_rollouts(
         ]
         try:
             with open_pool(engine, pool) as wp:
+                if steer is not None:
+                    wp.broadcast("ensure_vector", "rollout", vec_bytes)
                 for i, records in wp.run(jobs):
                     _write_atomic(_shard_path(d, i), "".join(json.dumps(r) + "\n" for r in records))
-                    stats["correct"] += sum(r["correct"] for r in records)
+                    stats["correct"] += sum(bool(r["correct"]) for r in records)
                     stats["total"] += len(records)
-                    bar.set_postfix(acc=f"{stats['correct'] / max(stats['total'], 1):.3f}")
+                    if task.has_verifier:
+                        bar.set_postfix(acc=f"{stats['correct'] / max(stats['total'], 1):.3f}")
                     bar.update(len(shards[i]))
                     if on_shard is not None:
                         on_shard(i, wp)

@@ -173,3 +173,26 @@ def test_steer_start_scores_a_continuation_like_generation(llm, hf_model):
         ]
         assert abs(float(ref.sum()) - g) <= 0.25 * len(ids) ** 0.5, (float(ref.sum()), g)
         assert abs(g - p) > 0.05  # steering changed the score
+
+
+def test_sample_job_steered_and_unverified(llm, tmp_path):
+    """The rollout job on plain prompts: seeded samples are reproducible, steering applies,
+    and ``correct`` is None for a task without a verifier."""
+    import roast_vllm
+    from roast_vllm import jobs
+    from roast_vllm.tasks import get_task
+
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"prompt": "Tell me about the sea."}\n{"prompt": "Describe a city at night."}\n')
+    qs = get_task("prompts").load(p)
+    roast_vllm.register_vector(llm, "res9", SteeringVector.random(30, 576, layers=list(range(4, 26)), seed=9))
+    w = SimpleNamespace(llm=llm, tok=llm.get_tokenizer())
+    a = jobs.sample(w, "prompts", qs, 2, 0.8, 0.9, 12, 7)
+    b = jobs.sample(w, "prompts", qs, 2, 0.8, 0.9, 12, 7)
+    s = jobs.sample(w, "prompts", qs, 2, 0.8, 0.9, 12, 7, {"steer_vector": "res9", "steer_scale": 8.0})
+    assert [r["response"] for r in a] == [r["response"] for r in b]  # per-sample seeds
+    assert a[0]["response"] != a[1]["response"]  # distinct samples of one prompt
+    assert sum(x["response"] != y["response"] for x, y in zip(a, s)) >= 3
+    assert all(
+        r["correct"] is None and r["completion_tokens"] == 12 or r["finish_reason"] == "stop" for r in s
+    )

@@ -106,6 +106,14 @@ def test_killed_rollout_resumes_without_redoing_or_duplicating(resumed_run):
     assert "30 responses to 10 questions" in stdout
 
 
+def _cli(*args: str) -> str:
+    """Run ``roast-vllm ARGS`` in a subprocess (one eager engine, no Ray)."""
+    argv = roast_cli(*args, "--workers", "0", "--max-model-len", "1024", "--quiet")
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
 def test_estimate_and_eval_cli(resumed_run, tmp_path):
     from roast_vllm import SteeringVector
     from roast_vllm.tasks import data_hash

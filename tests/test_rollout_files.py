@@ -56,3 +56,21 @@ def test_sample_seeds_depend_only_on_seed_question_and_index():
     seeds = {sample_seed(42, f"q{i}", j) for i in range(50) for j in range(8)}
     assert len(seeds) == 400
     assert sample_seed(43, "q1", 0) != sample_seed(42, "q1", 0)
+
+
+def test_prompts_task_for_plain_bulk_rollouts(tmp_path):
+    from roast_vllm.tasks import get_task
+
+    t = get_task("prompts")
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"prompt": "Tell me a joke.", "id": "joke"}\n\n{"prompt": "Write a haiku."}\n')
+    qs = t.load(p)
+    assert [q.qid for q in qs] == ["joke", "prompts-00001"]
+    assert qs[1].messages == [{"role": "user", "content": "Write a haiku."}]
+    assert not t.has_verifier and t.verify(qs[0], "ha") is None
+    p.write_text('{"prompt": "a", "id": "x"}\n{"prompt": "b", "id": "x"}\n')
+    with pytest.raises(ValueError, match="duplicate"):
+        t.load(p)
+    p.write_text('{"text": "a"}\n')
+    with pytest.raises(ValueError, match="prompt"):
+        t.load(p)

@@ -23,6 +23,7 @@ from typing import Any
 _REGISTRY: dict[str, tuple[str, str]] = {
     "gsm8k": ("roast_vllm.tasks.gsm8k", "GSM8K"),
     "truthfulqa_mc": ("roast_vllm.tasks.truthfulqa", "TruthfulQAMC"),
+    "prompts": ("roast_vllm.tasks.prompts", "Prompts"),
 }
 
 TASKS: tuple[str, ...] = tuple(_REGISTRY)
@@ -58,6 +59,8 @@ class Task:
 
     name: str = ""
     default_max_tokens: int = 256
+    has_verifier: bool = True
+    """False for tasks whose responses are not graded (``correct`` is None)."""
 
     def load(self, path: str | Path, limit: int | None = None) -> list[Question]:
         """The first ``limit`` questions (all if None) of the data file at ``path``."""
