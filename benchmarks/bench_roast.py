@@ -32,12 +32,15 @@ TASKS = {
         data="gsm8k_train.jsonl", limit=600, n=4, tune_q=48, report_q=160, max_tokens=256, grid="small"
     ),
 }
-SMALL_GRID = {"roast_grouped": [0.2, 0.5, 1.0], "roast_ungrouped": [0.2, 0.5, 1.0], "caa": [0.5, 1.0, 2.0]}
+SMALL_GRID = {"roast_grouped": [0.5, 2.0, 8.0], "roast_ungrouped": [0.1, 0.5, 2.0], "caa": [0.05, 0.25, 1.0]}
 METHODS = {
     # name: (EstimateOptions kwargs, tuning grid of (layers, scale))
-    "roast_grouped": (dict(method="roast", site="mlp_act", grouped=True), [0.1, 0.2, 0.5, 1.0, 2.0]),
+    # Each grid runs from "no visible effect" to "answers collapse" for that method: the
+    # grouped vector is a mean of unit-max votes that partly cancel, so it is smaller than
+    # the ungrouped one and needs larger scales; CAA's raw mean difference is larger still.
+    "roast_grouped": (dict(method="roast", site="mlp_act", grouped=True), [0.5, 1.0, 2.0, 4.0, 8.0]),
     "roast_ungrouped": (dict(method="roast", site="mlp_act", grouped=False), [0.1, 0.2, 0.5, 1.0, 2.0]),
-    "caa": (dict(method="caa"), [0.25, 0.5, 1.0, 2.0, 4.0]),
+    "caa": (dict(method="caa"), [0.05, 0.1, 0.25, 0.5, 1.0]),
 }
 LAYER_SETS = {"all": None, "mid": list(range(10, 20))}
 

@@ -17,6 +17,7 @@ def steering_engine_kwargs(
     model: str,
     max_steering_slots: int = 64,
     vectors: dict[str, str] | None = None,
+    mlp_act_site: bool = True,
     **vllm_kwargs: Any,
 ) -> dict[str, Any]:
     """The vLLM engine arguments that switch steering on for ``model`` (merged with the
@@ -26,7 +27,10 @@ def steering_engine_kwargs(
     if not archs:
         raise ValueError(f"{model}: config.json names no architecture")
     cfg = RoastConfig(
-        max_steering_slots=max_steering_slots, vectors=dict(vectors or {}), num_layers=dims["num_layers"]
+        max_steering_slots=max_steering_slots,
+        vectors=dict(vectors or {}),
+        num_layers=dims["num_layers"],
+        mlp_act_site=mlp_act_site,
     )
     kw = dict(vllm_kwargs)
     kw["model"] = model
@@ -68,6 +72,7 @@ def LLM(
     *,
     max_steering_slots: int = 64,
     vectors: dict[str, str | Path] | None = None,
+    mlp_act_site: bool = True,
     **vllm_kwargs: Any,
 ):
     """A ``vllm.LLM`` with per-request steering switched on.
@@ -75,6 +80,8 @@ def LLM(
     Args:
         model: local HF model folder (default: the embedded SmolLM2-135M-Instruct).
         max_steering_slots: distinct (vector, scale, layers) configurations per batch.
+        mlp_act_site: allow ``mlp_act`` vectors (ROAST's site); False steers only the
+            residual stream and saves the ``mlp_act`` table and its per-layer op.
         vectors: ``{name: file}`` to register at start (more later with
             :func:`register_vector`).
         **vllm_kwargs: anything ``vllm.LLM`` takes.
@@ -95,6 +102,7 @@ def LLM(
         model,
         max_steering_slots,
         {n: str(Path(p).resolve()) for n, p in (vectors or {}).items()},
+        mlp_act_site,
         **vllm_kwargs,
     )
     registry.reset()

@@ -159,20 +159,20 @@ def test_steer_start_scores_a_continuation_like_generation(llm, hf_model):
     w = SimpleNamespace(llm=llm, tok=llm.get_tokenizer())
     q = Question("q", "What colour is the sky?", [], "", "", [])
     answers = ["The sky is blue.", "The sky is green."]
-    steer = {"steer_vector": "res1", "steer_scale": 4.0, "steer_positions": "last_prompt_and_generated"}
+    steer = {"steer_vector": "res1", "steer_scale": 16.0, "steer_positions": "last_prompt_and_generated"}
     got = jobs.loglik(w, [(q, answers)], steer)[0]
     plain = jobs.loglik(w, [(q, answers)])[0]
     ctx = jobs.prompt_ids(
         w.tok, Question("q", q.question, [{"role": "user", "content": q.question}], "", "", [])
     )
-    spec = SteerSpec("res1", 4.0, None, "last_prompt_and_generated")
+    spec = SteerSpec("res1", 16.0, None, "last_prompt_and_generated")
     for a, g, p in zip(answers, got, plain):
         ids = jobs.response_ids(w.tok, a)
         ref = teacher_forced_logprobs(hf_model, ctx, ids, vec, spec)[
             torch.arange(len(ids)), torch.tensor(ids)
         ]
         assert abs(float(ref.sum()) - g) <= 0.25 * len(ids) ** 0.5, (float(ref.sum()), g)
-        assert abs(g - p) > 0.05  # steering changed the score
+        assert abs(g - p) > 0.5  # steering changed the score
 
 
 def test_sample_job_steered_and_unverified(llm, tmp_path):
