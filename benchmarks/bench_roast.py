@@ -51,7 +51,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default="results/roast")
     p.add_argument("--data-dir", default=str(DATA))
-    p.add_argument("--gsm8k-rollout-q", type=int, default=96, help="part-a questions sampled for GSM8K")
+    p.add_argument("--gsm8k-rollout-q", type=int, default=64, help="part-a questions sampled for GSM8K")
     args = p.parse_args()
 
     from roast_vllm.estimate import EstimateOptions, estimate_from_rollouts

@@ -80,7 +80,11 @@ def _check_manifest(d: Path, cfg: RolloutConfig, overwrite: bool) -> None:
     m = d / MANIFEST
     if m.exists() and not overwrite:
         theirs = json.loads(m.read_text())
-        diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        # a manifest from an older version lacks newer fields: those had their defaults
+        defaults = asdict(RolloutConfig(task=cfg.task, data=cfg.data))
+        diff = {
+            k: (theirs.get(k, defaults[k]), v) for k, v in mine.items() if theirs.get(k, defaults[k]) != v
+        }
         if diff:
             raise SystemExit(
                 f"error: {d} holds shards of a run with other settings "
