@@ -20,7 +20,9 @@ import json
 import time
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from roast_vllm.envs import data_dir
+
+DATA = data_dir()
 
 # per task: data file, rows read, rollout size, tuning questions, report questions, max
 # tokens, and the tuning grid (GSM8K answers are ~16x longer: a smaller grid on CPU)

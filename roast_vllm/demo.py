@@ -18,8 +18,10 @@ import platform
 import time
 from pathlib import Path
 
+from roast_vllm.envs import data_dir
+
 DATA = Path(__file__).parent / "data"
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = data_dir()
 
 
 def main(argv=None) -> None:

@@ -19,6 +19,12 @@ ENV_VARS: dict[str, tuple[str | None, str]] = {
         "Model folder used by the CLI, demo, tests and benchmarks when no --model is given "
         "(default: the prepared embedded SmolLM2-135M-Instruct).",
     ),
+    "ROAST_VLLM_DATA_DIR": (
+        None,
+        "Folder with the task data files (gsm8k_train.jsonl, truthfulqa_dev.csv) used by the "
+        "demo, tests and benchmarks (default: the first of ../shared/data next to the "
+        "checkout, /work/shared/data that exists).",
+    ),
     "ROAST_VLLM_CONFIG": (
         None,
         "JSON of the server's roast config (same as --additional-config's 'roast' entry); lets "
@@ -40,3 +46,15 @@ def cache_dir() -> Path:
         return Path(explicit).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "roast-vllm"
+
+
+def data_dir() -> Path:
+    """The task data folder (``ROAST_VLLM_DATA_DIR`` or the project's ``shared/data``)."""
+    explicit = get("ROAST_VLLM_DATA_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    repo = Path(__file__).resolve().parents[1]
+    for cand in (repo.parent / "shared" / "data", Path("/work/shared/data")):
+        if cand.is_dir():
+            return cand
+    return repo.parent / "shared" / "data"

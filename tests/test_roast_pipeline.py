@@ -11,14 +11,15 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from conftest import roast_cli
 
+from roast_vllm.envs import data_dir
+
 pytestmark = pytest.mark.engine
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = data_dir()
 TQA = str(DATA / "truthfulqa_dev.csv")
 
 

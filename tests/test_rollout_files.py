@@ -1,14 +1,14 @@
 """Rollout checkpoint files without an engine: manifest checks, formats, seeds."""
 
 import json
-from pathlib import Path
 
 import pytest
 
+from roast_vllm.envs import data_dir
 from roast_vllm.jobs import sample_seed
 from roast_vllm.rollout import RolloutConfig, _check_manifest, read_records, shard_dir, write_records
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "truthfulqa_dev.csv"
+DATA = data_dir() / "truthfulqa_dev.csv"
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):

@@ -8,17 +8,18 @@ from pathlib import Path
 
 import pytest
 
+from roast_vllm.envs import data_dir as _data_dir
 from roast_vllm.tasks import TASKS, DataError, Question, data_hash, get_task, split
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = _data_dir()
 GSM8K_FILE = "gsm8k_train.jsonl"
 TQA_FILE = "truthfulqa_dev.csv"
 
 
 @pytest.fixture(scope="module")
 def data_dir() -> Path:
-    if not DATA.is_dir():
-        pytest.skip(f"benchmark data directory {DATA} is absent")
+    # the data is part of the project (../shared/data): its absence is a failure, not a skip
+    assert DATA.is_dir(), f"task data folder {DATA} is absent; set ROAST_VLLM_DATA_DIR"
     return DATA
 
 
