@@ -96,7 +96,13 @@ def main() -> None:
             vecs = {}
             for name, (kw, _) in METHODS.items():
                 vpath = od / f"{name}.safetensors"
-                prov = {"task": task, "data": data, "data_sha256": data_hash(data), "rollouts": str(rpath)}
+                prov = {
+                    "task": task,
+                    "data": data,
+                    "data_sha256": data_hash(data),
+                    "rollouts": str(rpath),
+                    "rollouts_sha256": data_hash(rpath),
+                }
                 v = estimate_from_rollouts(
                     roll_q, rollouts, EstimateOptions(**kw), engine, pool, provenance=prov
                 )

@@ -75,14 +75,16 @@ def resumed_run(tmp_path_factory):
         "rollout", "--task", "truthfulqa_mc", "--data", TQA, "--limit", "10", "--n", "3",
         "--shard-size", "2", "--out", str(out), "--workers", "0", "--max-model-len", "1024", "--quiet",
     )  # fmt: skip
-    proc = subprocess.Popen(
-        argv, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    log = d / "first_run.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(argv, start_new_session=True, stdout=f, stderr=subprocess.STDOUT)
     first = d / "r.jsonl.shards" / "shard-00000.jsonl"
-    deadline = time.time() + 300
+    deadline = time.time() + 900  # engine start + one shard; generous for a loaded machine
     while not first.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    assert first.exists(), "first shard never appeared"
+    if not first.exists():
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"first shard never appeared (exit {proc.poll()}); log tail:\n{log.read_text()[-3000:]}")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     saved = {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in first.parent.glob("shard-*.jsonl")}
