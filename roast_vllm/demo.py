@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -44,6 +45,8 @@ def main(argv=None) -> None:
     p.add_argument("--caa-scale", type=float, default=0.1, help="raw mean differences: small scales")
     p.add_argument("--workers", type=int, default=2, help="Ray workers for rollouts and eval")
     args = p.parse_args(argv)
+    # a demo shows its own output; vLLM's per-engine INFO lines (x5 engines) would bury it
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     t_all = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
 
