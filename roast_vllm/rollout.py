@@ -145,7 +145,11 @@ def run_rollouts(
     if todo:
         engine = engine or EngineOptions(model=cfg.model)
         jobs = [
-            (i, "sample", (cfg.task, shards[i], cfg.n, cfg.temperature, cfg.top_p, max_tokens, cfg.seed))
+            (
+                i,
+                "sample",
+                (cfg.task, shards[i], cfg.n, cfg.temperature, cfg.top_p, max_tokens, cfg.seed, steer),
+            )
             for i in todo
         ]
         try:

@@ -37,12 +37,20 @@ def _check_records(rows, questions, n):
         assert r["prompt_tokens"] > 20 and r["completion_tokens"] >= 1
 
 
-def test_ray_rollouts_two_workers_survive_a_killed_worker(tmp_path):
-    from roast_vllm.rollout import RolloutConfig, read_records, run_rollouts
+def test_ray_rollouts_two_workers_survive_a_killed_worker(tmp_path, resumed_run):
+    """Steered rollouts on 2 Ray actors, one SIGKILLed after the first saved shard: the
+    pool replaces it and re-runs its shard; nothing is lost or duplicated. The same seeds
+    unsteered (``resumed_run``) give other responses: the steering reached the actors."""
+    from roast_vllm import SteeringVector
+    from roast_vllm.rollout import RolloutConfig, manifest, read_records, run_rollouts
     from roast_vllm.tasks import select
     from roast_vllm.workers import EngineOptions, PoolOptions
 
-    cfg = RolloutConfig(task="truthfulqa_mc", data=TQA, n=2, limit=12, shard_size=2)
+    vec = tmp_path / "rnd.safetensors"
+    SteeringVector.random(30, 576, layers=list(range(4, 26)), seed=11).save(vec)
+    cfg = RolloutConfig(
+        task="truthfulqa_mc", data=TQA, n=2, limit=10, shard_size=2, vector=str(vec), scale=12.0
+    )
     killed = []
 
     def kill_one(i, pool):
@@ -61,8 +69,12 @@ def test_ray_rollouts_two_workers_survive_a_killed_worker(tmp_path):
     )
     assert killed
     rows = read_records(out)
-    _check_records(rows, select("truthfulqa_mc", TQA, limit=12), 2)
-    assert len(list((tmp_path / "r.parquet.shards").glob("shard-*.jsonl"))) == 6
+    _check_records(rows, select("truthfulqa_mc", TQA, limit=10), 2)
+    assert len(list((tmp_path / "r.parquet.shards").glob("shard-*.jsonl"))) == 5
+    assert manifest(out)["vector_sha256"] and manifest(out)["scale"] == 12.0
+    plain = {(r["qid"], r["sample"]): r["response"] for r in read_records(resumed_run[1])}
+    differ = sum(r["response"] != plain[(r["qid"], r["sample"])] for r in rows)
+    assert differ >= 0.8 * len(rows), f"only {differ}/{len(rows)} steered responses differ"
 
 
 @pytest.fixture(scope="module")
