@@ -123,6 +123,7 @@ class WorkerPool:
         self.engine, self.pool = engine, pool
         self._local: EngineWorker | None = None
         self._actors: list[Any] = []
+        self._setup: list[tuple[str, tuple]] = []  # broadcasts, replayed on replacement actors
         self._ray_started = False
 
     # ------------------------------------------------------------- lifecycle
@@ -187,11 +188,13 @@ class WorkerPool:
 
     # ------------------------------------------------------------------ jobs
     def broadcast(self, fn: str, *args) -> list:
-        """Run ``fn`` once on every worker (e.g. register a vector)."""
+        """Run ``fn`` once on every worker (e.g. register a vector); a worker that replaces
+        a dead one gets every broadcast again before it takes a job."""
         if self._local is not None:
             return [getattr(self._local, fn)(*args)]
         import ray
 
+        self._setup.append((fn, args))
         return ray.get([getattr(a, fn).remote(*args) for a in self._actors])
 
     def run(self, jobs: Iterable[tuple[Any, str, tuple]], on_retry: Callable | None = None) -> Iterator:
@@ -227,7 +230,9 @@ class WorkerPool:
                 )
                 if on_retry is not None:
                     on_retry(job[0])
-                self._actors[i] = self._new_actor(i)
+                actor = self._new_actor(i)
+                ray.get([getattr(actor, f).remote(*a) for f, a in self._setup])
+                self._actors[i] = actor
                 pending.appendleft(job)
                 idle.append(i)
                 continue
