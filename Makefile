@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint format bench bench-kernels bench-roast clean
+.PHONY: setup demo test test-fast lint format bench bench-kernels bench-roast clean bench-decode
 
 setup: $(VENV)/.installed
 
@@ -50,6 +50,10 @@ bench: setup
 
 bench-kernels: setup
 	$(PY) benchmarks/bench_kernels.py
+
+# decode step, unsteered vs steered: 32B widths + CUDA graphs on a GPU, small widths on CPU
+bench-decode: setup
+	$(PY) benchmarks/bench_decode_step.py
 
 # ROAST vs CAA vs baseline on disjoint splits of ../shared/data (about 45 min on 2 CPU cores)
 bench-roast: setup

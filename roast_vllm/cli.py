@@ -3,7 +3,8 @@
 roast-vllm prepare-model                      # embedded SmolLM2 -> HF folder (prints path)
 roast-vllm caa --positive pos.txt --negative neg.txt --out v.safetensors
 roast-vllm generate "Tell me about cats" --vector v.safetensors --scale 4 --compare
-roast-vllm serve --vector happy=v.safetensors -- --port 8000
+roast-vllm serve --vector happy=v.safetensors --port 8000   # + any `vllm serve` option
+roast-vllm generate "Hi" --dtype float32 -tp 2           # + any vLLM engine argument
 roast-vllm rollout | estimate | eval ...      # ROAST end to end (see roast_vllm/cli_roast.py)
 """
 
@@ -15,6 +16,10 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
+
+from roast_vllm import engine_args
+from roast_vllm.engine_args import kv_cache_bytes, step_bounds
 
 
 def _read_prompts(path: str) -> list[str]:
@@ -61,6 +66,17 @@ def _chat(tok, prompts: list[str]) -> list[str]:
         tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
         for p in prompts
     ]
+
+
+def engine_kwargs_for(args, **ours: Any) -> dict[str, Any]:
+    """``vllm.LLM`` keyword arguments: the command's own settings ``ours``, the KV-cache size
+    (``--kv-cache-gib``), then the vLLM options given (those win)."""
+    kw = dict(ours)
+    nbytes = kv_cache_bytes(getattr(args, "kv_cache_gib", None), args.engine_kwargs)
+    if nbytes is not None:
+        kw["kv_cache_memory_bytes"] = nbytes
+    kw.update(args.engine_kwargs)
+    return kw
 
 
 # ------------------------------------------------------------------ commands
@@ -127,13 +143,11 @@ def cmd_generate(args) -> None:
     if args.compare and not args.vector:
         raise SystemExit("error: --compare needs --vector")
     model = args.model or default_model()
-    kw = dict(
-        kv_cache_memory_bytes=int(args.kv_cache_gib * (1 << 30)),
-        max_model_len=args.max_model_len,
-        seed=args.seed,
-    )
+    kw = engine_kwargs_for(args, max_model_len=args.max_model_len, seed=args.seed)
     if args.eager:
-        kw["enforce_eager"] = True
+        kw.setdefault("enforce_eager", True)
+    # only requests that sample (temperature > 0) use their seed; greedy ones are unseeded
+    kw = step_bounds(kw, seeded=args.temperature > 0)
     vectors = {"cli": args.vector} if args.vector else None
     llm = roast_vllm.LLM(model, vectors=vectors, **kw)
     if args.chat:
@@ -185,13 +199,49 @@ def _vllm_serve(model: str) -> list[str]:
     return [str(exe) if exe.exists() else "vllm", "serve", model]
 
 
+#: vLLM options roast-vllm sets itself: the user's values are merged with its own (or, for
+#: the scheduler and worker extension, refused); the rest pass through as given
+MERGED_SERVE_OPTIONS = (
+    "hf_overrides",
+    "logits_processors",
+    "additional_config",
+    "scheduler_cls",
+    "worker_extension_cls",
+)
+
+
 def serve_command(
-    model: str, vectors: dict[str, str], max_steering_slots: int, extra: list[str]
+    model: str,
+    vectors: dict[str, str],
+    max_steering_slots: int,
+    extra: list[str] = (),
+    *,
+    cpu: bool | None = None,
 ) -> tuple[list[str], dict]:
-    """The ``vllm serve`` command line (and env) that serves ``model`` with steering."""
+    """The ``vllm serve`` command line (and env) that serves ``model`` with steering.
+
+    ``extra``: any ``vllm serve`` options, validated by vLLM's parser and passed through;
+    ``--hf-overrides``, ``--logits-processors`` and ``--additional-config`` are merged with
+    the steering ones (``--scheduler-cls``, ``--worker-extension-cls``: refused). Not given, the CPU dtype rule (``--dtype``) and bounded steps are
+    added (``engine_args.step_bounds``; clients may send seeded requests). ``cpu``
+    overrides platform detection."""
     from roast_vllm.llm import steering_engine_kwargs
 
-    kw = steering_engine_kwargs(model, max_steering_slots, vectors)
+    given = engine_args.engine_kwargs(list(extra), prog="roast-vllm serve", serve=True)
+    merged = {k: given[k] for k in MERGED_SERVE_OPTIONS if k in given}
+    kw = steering_engine_kwargs(model, max_steering_slots, vectors, **merged)
+    if cpu is None:
+        cpu = engine_args.on_cpu()
+    defaults: dict[str, Any] = {}
+    if "dtype" not in given and (dtype := engine_args.default_dtype(cpu)) is not None:
+        defaults["dtype"] = dtype
+    sched = {
+        k: given[k]
+        for k in ("enable_chunked_prefill", "max_num_batched_tokens", "max_model_len")
+        if k in given
+    }
+    bounded = step_bounds(sched, seeded=None, cpu=cpu)
+    defaults.update({k: v for k, v in bounded.items() if k not in sched})
     cmd = [
         *_vllm_serve(model),
         "--hf-overrides",
@@ -204,7 +254,8 @@ def serve_command(
         kw["worker_extension_cls"],
         "--additional-config",
         json.dumps(kw["additional_config"]),
-        *extra,
+        *engine_args.drop_options(list(extra), set(merged), serve=True),
+        *engine_args.as_flags(defaults),
     ]
     env = {
         "ROAST_VLLM_CONFIG": json.dumps(kw["additional_config"]["roast"]),
@@ -226,8 +277,7 @@ def cmd_serve(args) -> None:
         name, path = item.split("=", 1)
         SteeringVector.load(path).validate_for(dims["num_layers"], dims["hidden_size"])
         vectors[name] = str(Path(path).resolve())
-    extra = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
-    cmd, env = serve_command(model, vectors, args.max_steering_slots, extra)
+    cmd, env = serve_command(model, vectors, args.max_steering_slots, args.engine_argv)
     print(
         "+ " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + shlex.join(cmd), flush=True
     )
@@ -235,6 +285,12 @@ def cmd_serve(args) -> None:
         return
     os.environ.update(env)
     os.execvp(cmd[0], cmd)
+
+
+KV_CACHE_HELP = (
+    "KV-cache size per engine, GiB (default 1, unless vLLM's --gpu-memory-utilization or "
+    "--kv-cache-memory-bytes is given)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,9 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--chat", action="store_true", help="apply the chat template")
     s.add_argument("--eager", action="store_true", help="enforce_eager (faster start, slower steps)")
-    s.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV-cache size (GiB)")
+    s.add_argument("--kv-cache-gib", type=float, default=None, help=KV_CACHE_HELP)
     s.add_argument("--max-model-len", type=int, default=2048)
     s.add_argument("--out", default=None, help="also write JSONL here")
+    engine_args.add_engine_args(s)
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("serve", help="run `vllm serve` with steering switched on")
@@ -283,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vector", action="append", default=[], metavar="NAME=FILE")
     s.add_argument("--max-steering-slots", type=int, default=64)
     s.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
-    s.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then any `vllm serve` flags")
+    engine_args.add_engine_args(s, serve=True)
     s.set_defaults(func=cmd_serve)
 
     from roast_vllm.cli_roast import add_commands
@@ -292,8 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a ``roast-vllm`` command line; engine commands also take vLLM's options
+    (``args.engine_kwargs``, ``args.engine_argv``; see ``roast_vllm.engine_args``)."""
+    return engine_args.parse_args(build_parser(), argv)
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as e:

@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from roast_vllm.cli import KV_CACHE_HELP
+from roast_vllm.engine_args import add_engine_args
+
 
 def _floats(s: str) -> list[float]:
     try:
@@ -42,7 +45,7 @@ def _add_engine(s) -> None:
         "--compile", action="store_true", help="vLLM compile mode (default: eager; starts faster on CPU)"
     )
     s.add_argument("--max-model-len", type=int, default=2048)
-    s.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache per engine (GiB)")
+    s.add_argument("--kv-cache-gib", type=float, default=None, help=KV_CACHE_HELP)
     s.add_argument(
         "--workers", type=int, default=1, help="Ray actors, one engine each (0: in-process, no Ray)"
     )
@@ -50,16 +53,31 @@ def _add_engine(s) -> None:
     s.add_argument("--cpus-per-worker", type=float, default=1.0)
     s.add_argument("--gpus-per-worker", type=float, default=0.0)
     s.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_engine_args(s)
 
 
-def _engine(args, compile_ok: bool = True):
+def _engine(args, compile_ok: bool = True, seeded: bool = False):
+    """Engine and pool options from a command's arguments. ``compile_ok``: False where the
+    engine must be eager (activation capture); ``seeded``: whether requests sample with
+    their own seeds (``engine_args.step_bounds``). The vLLM options given go to
+    ``EngineOptions.extra`` and win over the command's own settings."""
+    from roast_vllm.engine_args import kv_cache_bytes, on_cpu
     from roast_vllm.workers import EngineOptions, PoolOptions
 
+    extra = dict(args.engine_kwargs)
+    if not compile_ok and extra.get("enforce_eager") is False:
+        raise SystemExit(
+            f"error: `roast-vllm {args.command}` captures activations, which needs an eager "
+            "engine; drop --no-enforce-eager"
+        )
+    nbytes = kv_cache_bytes(args.kv_cache_gib, extra)
     eng = EngineOptions(
         model=args.model,
         enforce_eager=not (args.compile and compile_ok),
         max_model_len=args.max_model_len,
-        kv_cache_gib=args.kv_cache_gib,
+        kv_cache_gib=None if nbytes is None else nbytes / (1 << 30),
+        seeded=seeded,
+        extra=extra,
     )
     pool = PoolOptions(
         workers=args.workers,
@@ -67,6 +85,8 @@ def _engine(args, compile_ok: bool = True):
         cpus_per_worker=args.cpus_per_worker,
         gpus_per_worker=args.gpus_per_worker,
     )
+    # check the step settings here rather than in every worker (workers with GPUs: not CPU)
+    eng.llm_kwargs(cpu=on_cpu() if args.workers == 0 or args.gpus_per_worker == 0 else False)
     return eng, pool
 
 
@@ -103,7 +123,8 @@ def cmd_rollout(args) -> None:
         layers=_layers_arg(args.layers),
         positions=args.positions,
     )
-    eng, pool = _engine(args)
+    # every sample carries its own seed (temperature > 0): no chunked prefill on CPU
+    eng, pool = _engine(args, seeded=args.temperature > 0)
     out = run_rollouts(cfg, args.out, eng, pool, overwrite=args.overwrite, progress=not args.quiet)
     rows = read_records(out)
     if not get_task(args.task).has_verifier:

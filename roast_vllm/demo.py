@@ -16,17 +16,24 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import time
 from pathlib import Path
 
+from roast_vllm import engine_args
+from roast_vllm.engine_args import add_engine_args, kv_cache_bytes, step_bounds
 from roast_vllm.envs import data_dir
 
 DATA = Path(__file__).parent / "data"
 SHARED = data_dir()
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m roast_vllm.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", default=None)
     p.add_argument("--out", type=Path, default=Path("demo_out"))
     p.add_argument(
@@ -44,7 +51,16 @@ def main(argv=None) -> None:
     p.add_argument("--roast-scales", default="0,2,4", help="eval sweep for the ROAST vector")
     p.add_argument("--caa-scale", type=float, default=0.1, help="raw mean differences: small scales")
     p.add_argument("--workers", type=int, default=2, help="Ray workers for rollouts and eval")
-    args = p.parse_args(argv)
+    add_engine_args(p)  # passed to every step's engine
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return engine_args.parse_args(build_parser(), argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     # a demo shows its own output; vLLM's per-engine INFO lines (x5 engines) would bury it
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     t_all = time.perf_counter()
@@ -86,9 +102,12 @@ def main(argv=None) -> None:
     import roast_vllm
     from roast_vllm.cli import _chat, _read_prompts
 
-    kw = dict(kv_cache_memory_bytes=1 << 30, max_model_len=1024, seed=0)
+    kw = dict(max_model_len=1024, seed=0)
+    if (nbytes := kv_cache_bytes(None, args.engine_kwargs)) is not None:
+        kw["kv_cache_memory_bytes"] = nbytes
     if not args.compile:
         kw["enforce_eager"] = True
+    kw = step_bounds({**kw, **args.engine_kwargs}, seeded=False)  # greedy requests only
     llm = roast_vllm.LLM(model, vectors={"happy": vec_path, "roast": roast_vec}, max_steering_slots=20, **kw)
     prompts = _read_prompts(str(DATA / "demo_prompts.txt"))
     chat = _chat(llm.get_tokenizer(), prompts)
@@ -156,8 +175,10 @@ def main(argv=None) -> None:
     )
 
 
-def _run(cli, argv: list[str]) -> None:
-    print("$ roast-vllm " + " ".join(argv), flush=True)
+def _run(cli, argv: list[str], vllm_argv: list[str] = ()) -> None:
+    """Run one ``roast-vllm`` step, with the demo's vLLM options after ``--``."""
+    argv = [*argv, "--", *vllm_argv] if vllm_argv else list(argv)
+    print("$ roast-vllm " + shlex.join(argv), flush=True)
     cli(argv)
 
 
@@ -195,6 +216,7 @@ def roast_loop(args, model: str, cli) -> Path:
             str(args.workers),
             *eng,
         ],
+        args.engine_argv,
     )
     print(
         "\n== 3/5 estimate: ROAST (mlp_act, CSS max_norm, grouped) and CAA (residual) from the same pairs",
@@ -207,6 +229,7 @@ def roast_loop(args, model: str, cli) -> Path:
         _run(
             cli,
             [*est, "--method", method, "--out", str(vecs[method]), "--workers", "0", "--model", model, *eng],
+            args.engine_argv,
         )
     print("\n== 4/5 eval on split b (disjoint): greedy accuracy, MC1, MC2 with 95% intervals", flush=True)
     ev = ["eval", *common, "--split", "b", "--workers", str(args.workers), *eng]
@@ -221,6 +244,7 @@ def roast_loop(args, model: str, cli) -> Path:
             "--out",
             str(out / "eval_roast.json"),
         ],
+        args.engine_argv,
     )
     _run(
         cli,
@@ -233,6 +257,7 @@ def roast_loop(args, model: str, cli) -> Path:
             "--out",
             str(out / "eval_caa.json"),
         ],
+        args.engine_argv,
     )
     return vecs["roast"]
 

@@ -40,12 +40,11 @@ def steering_engine_kwargs(
     kw["logits_processors"] = [*(kw.get("logits_processors") or []), TRACKER]
     if kw.get("scheduler_cls"):
         raise ValueError("roast-vllm needs its own scheduler_cls; a custom one cannot be combined")
-    from roast_vllm.engine.scheduler import ASYNC_QUALNAME, QUALNAME
+    from roast_vllm.engine.scheduler import QUALNAME
     from roast_vllm.engine.worker import QUALNAME as WORKER
 
-    # Subclassing the wrong one of vLLM's two schedulers would silently turn async
-    # scheduling off; vLLM's CPU platform never uses it.
-    kw["scheduler_cls"] = ASYNC_QUALNAME if _async_scheduling(kw) else QUALNAME
+    # One class for both: it follows the engine's resolved async-scheduling setting.
+    kw["scheduler_cls"] = QUALNAME
     if kw.get("worker_extension_cls"):
         raise ValueError("roast-vllm needs its own worker_extension_cls; a custom one cannot be combined")
     kw["worker_extension_cls"] = WORKER
@@ -57,14 +56,6 @@ def site_dim(dims: dict, site: str) -> int:
     """Activation size at ``site``: hidden size for the residual stream, MLP width for
     ``mlp_act``."""
     return dims["intermediate_size"] if site == "mlp_act" else dims["hidden_size"]
-
-
-def _async_scheduling(kw: dict[str, Any]) -> bool:
-    if kw.get("async_scheduling") is not None:
-        return bool(kw["async_scheduling"])
-    from vllm.platforms import current_platform
-
-    return not current_platform.is_cpu()
 
 
 def LLM(
@@ -84,7 +75,8 @@ def LLM(
             residual stream and saves the ``mlp_act`` table and its per-layer op.
         vectors: ``{name: file}`` to register at start (more later with
             :func:`register_vector`).
-        **vllm_kwargs: anything ``vllm.LLM`` takes.
+        **vllm_kwargs: anything ``vllm.LLM`` takes. Without ``dtype``, CPU engines use
+            bf16 only where the CPU computes it natively, else fp32 (GPUs: vLLM's auto).
 
     Requests pick steering with ``SamplingParams(extra_args={"steer_vector": name, ...})``.
     """
@@ -94,6 +86,14 @@ def LLM(
     # updates; keep vLLM on that runner (it is the only one on CPU anyway).
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     model = model or default_model()
+    if vllm_kwargs.get("dtype") is None:
+        # CPU: bf16 only where the CPU has it natively (AVX-512 BF16 / AMX); elsewhere vLLM's
+        # auto pick of bf16 runs matmuls ~5x slower than fp32. GPUs keep vLLM's auto.
+        from roast_vllm.engine_args import default_dtype
+
+        dtype = default_dtype()
+        if dtype is not None:
+            vllm_kwargs["dtype"] = dtype
     vecs = {name: SteeringVector.load(p) for name, p in (vectors or {}).items()}
     dims = model_dims(model)
     for v in vecs.values():

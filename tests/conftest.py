@@ -9,8 +9,14 @@ import sys
 
 import pytest
 
-# vLLM spawns engine processes; keep test engines small and deterministic.
-ENGINE_DEFAULTS = dict(kv_cache_memory_bytes=1 << 30, max_model_len=1024, seed=0)
+from roast_vllm.engine_args import default_dtype
+
+# vLLM spawns engine processes; keep test engines small and deterministic. Stock engines
+# get the dtype roast_vllm.LLM picks on this CPU (bf16 only with native bf16, else fp32),
+# so stock-vs-steered comparisons compare like with like.
+ENGINE_DEFAULTS = dict(
+    kv_cache_memory_bytes=1 << 30, max_model_len=1024, seed=0, dtype=default_dtype() or "auto"
+)
 
 # Greedy decoding with bf16 logits meets exact ties often (logits are quantized to
 # 1/16..1/8 at this magnitude); these prompts reach their first tie late, so comparisons

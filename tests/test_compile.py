@@ -43,8 +43,12 @@ def stock_ids(model_dir):
 
 @pytest.fixture(scope="module")
 def llm(model_dir, stock_ids):
+    import os
+
     import roast_vllm
 
+    # lets the replay-emulation test send a function to the engine process (test only)
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     llm = roast_vllm.LLM(model_dir, **ENGINE)
     roast_vllm.register_vector(llm, "v", SteeringVector.random(30, 576, seed=11))
     yield llm
@@ -138,3 +142,91 @@ def test_capture_needs_an_eager_engine(llm):
 
     with pytest.raises(ValueError, match="enforce_eager=True"):
         capture_activations(llm, [[1, 2, 3]], [0], progress=False)
+
+
+def _bypass_steered_forward(worker) -> bool:
+    """In the engine process: from now on the steered model's own ``forward`` Python is
+    skipped and the stock class's runs instead, as a full CUDA-graph replay skips it (in
+    compile mode the decoder layers' Python never runs after warm-up anyway)."""
+    model = worker.model_runner.get_model()
+    cls = type(model)
+    stock = next(c for c in cls.__mro__[1:] if not c.__name__.startswith("Roast"))
+    own = cls.__dict__.get("forward")
+    cls._roast_own_forward = own
+    cls.forward = stock.forward
+    return own is not None
+
+
+def _restore_steered_forward(worker) -> None:
+    cls = type(worker.model_runner.get_model())
+    own = cls.__dict__.get("_roast_own_forward")
+    if own is None:
+        del cls.forward
+    else:
+        cls.forward = own
+
+
+def test_steering_holds_under_full_graph_replay_emulation(llm):
+    """Prefill then many decode steps with the steered model's forward Python bypassed:
+    mixed steered and plain rows, rows finishing early and their rows reused by waiting
+    requests (24 requests, 16 rows), slots released and reused by other vectors, every
+    position scope and both sites. Outputs must equal the normal run's exactly (same
+    engine, same batch shapes). The pre-hook design (slots computed inside the model's
+    forward from attention metadata) fails this: replayed steps read stale slots."""
+    from vllm import SamplingParams
+
+    import roast_vllm
+
+    roast_vllm.register_vector(llm, "w", SteeringVector.random(30, 576, seed=21))
+    roast_vllm.register_vector(
+        llm, "m2", SteeringVector.random(30, 1536, layers=list(range(2, 28)), seed=22, site="mlp_act")
+    )
+    early = [  # only in the first, short requests: their slots are freed mid-run
+        {"steer_vector": "v", "steer_scale": 6.0},
+        {"steer_vector": "w", "steer_scale": 6.0, "steer_positions": "generated"},
+        {"steer_vector": "v", "steer_scale": -6.0, "steer_positions": "prompt"},
+    ]
+    late = [  # only in waiting requests admitted into freed rows: they reuse those slots
+        {"steer_vector": "m2", "steer_scale": 4.0, "steer_positions": "last_prompt_and_generated"},
+        {"steer_vector": "w", "steer_scale": -6.0, "steer_start": 9},
+        {"steer_vector": "v", "steer_scale": 3.0, "steer_layers": list(range(8, 20))},
+    ]
+    prompts, params, plain = [], [], []
+    for i in range(24):
+        first = i < 16
+        extra = None if i % 4 == 3 else (early if first else late)[i % 3]
+        max_tokens = (4 + i % 3) if first and i % 2 == 0 else 20
+        prompts.append(PROMPTS[i % len(PROMPTS)])
+        params.append(
+            SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, extra_args=extra)
+        )
+        plain.append(SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+
+    def run(ps):
+        llm.reset_prefix_cache()  # same prefill work every run: same batch shapes
+        return token_ids(llm.generate(prompts, ps, use_tqdm=False))
+
+    base = run(plain)
+    normal = run(params)
+    before = llm.collective_rpc("roast_info")[0]
+    llm.collective_rpc(_bypass_steered_forward)
+    try:
+        replay = run(params)
+    finally:
+        llm.collective_rpc(_restore_steered_forward)
+    after = llm.collective_rpc("roast_info")[0]
+
+    steered = [i for i, p in enumerate(params) if p.extra_args]
+    for i in range(len(prompts)):
+        assert replay[i] == normal[i], f"request {i} ({params[i].extra_args}) changed under replay"
+        if i not in steered:
+            assert normal[i] == base[i], f"plain request {i} changed beside steered ones"
+    # not vacuous: every steering configuration changed some request (short requests with
+    # narrow scopes may keep their few greedy tokens), most requests changed
+    by_config: dict[str, list[bool]] = {}
+    for i in steered:
+        by_config.setdefault(str(params[i].extra_args), []).append(normal[i] != base[i])
+    assert all(any(v) for v in by_config.values()), by_config
+    assert sum(sum(v) for v in by_config.values()) >= len(steered) // 2, by_config
+    assert after["steps_prepared"] - before["steps_prepared"] >= 20  # the hook ran every step
+    assert after["slot_reuses"] > before["slot_reuses"]  # freed slots were reused

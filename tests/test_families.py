@@ -53,7 +53,7 @@ def test_family_steering_matches_hf_reference(family, model_dir, tmp_path):
 
     ckpt = make_checkpoint(family, tmp_path / family, model_dir)
     arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[family]
-    llm = roast_vllm.LLM(ckpt, dtype="float32", enforce_eager=True, **ENGINE_DEFAULTS)
+    llm = roast_vllm.LLM(ckpt, **dict(ENGINE_DEFAULTS, dtype="float32", enforce_eager=True))
     try:
         assert llm.llm_engine.vllm_config.model_config.architectures == ["Roast" + arch]
         vec = SteeringVector.random(4, 128, seed=5)

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from roast_vllm import SteeringVector
-from roast_vllm.engine import state as state_mod
 from roast_vllm.engine.spec import SteerSpec
 from roast_vllm.engine.state import SteeringState
 
@@ -49,18 +48,21 @@ def test_replaced_vector_keeps_running_slot(st):
     assert torch.equal(st.table[:, i], before)
 
 
-def test_rows_moves_and_token_slots(st, monkeypatch):
+def test_rows_moves_and_token_slots(st):
     st.set_row(0, SteerSpec("a", 1.0, positions="generated"), prompt_len=3)
     st.set_row(1, None, prompt_len=2)
     st.set_row(2, SteerSpec("b", 1.0, positions="prompt"), prompt_len=2)
     st.sync_rows()
-    # step: row0 decodes 1 token at pos 3; row1 prefills 2; row2 prefills 2 (+ padding)
-    qsl = torch.tensor([0, 1, 3, 5], dtype=torch.int32)
-    monkeypatch.setattr(state_mod, "_query_start_loc", lambda: qsl)
+    # step: row0 decodes 1 token at pos 3; row1 prefills 2; row2 prefills 2 (+ 1 padded
+    # graph token): the runner's per-token row index and positions, no attention metadata
+    req_indices = torch.tensor([0, 1, 1, 2, 2, 3, 3])  # entries past n are stale
     positions = torch.tensor([3, 0, 1, 0, 1, 0])
-    st.prepare(positions)
+    st.token_slot.fill_(7)  # stale values from an earlier, larger step
+    st.prepare_step(req_indices, positions, num_tokens=5)
     sa, sb = st.row_slot_cpu[0].item(), st.row_slot_cpu[2].item()
     assert st.token_slot[:6].tolist() == [sa, 0, 0, sb, sb, 0]
+    assert torch.count_nonzero(st.token_slot[5:]) == 0  # padding and tail: slot 0
+    assert st.step_steered
     # swap rows 0 and 2, then a one-way move 2 -> 1 (row 1's occupant is replaced)
     st.move_row(0, 2, swap=True)
     st.move_row(2, 1, swap=False)
@@ -70,14 +72,15 @@ def test_rows_moves_and_token_slots(st, monkeypatch):
     st.clear_row(0)
     st.clear_row(1)
     assert st.num_steered_rows == 0 and st.active_slots() == 0
-    st.prepare(positions)
-    assert torch.count_nonzero(st.token_slot) == 0
+    st.prepare_step(req_indices, positions, num_tokens=5)
+    assert torch.count_nonzero(st.token_slot) == 0 and not st.step_steered
 
 
 def test_apply_leaves_slot_zero_rows_bit_identical(st):
     st.set_row(0, SteerSpec("b", 2.0), prompt_len=1)
     st.sync_rows()
-    st.token_slot[:3] = torch.tensor([0, st.row_slot_cpu[0].item(), 0])
+    st.prepare_step(torch.tensor([1, 0, 1]), torch.tensor([0, 5, 1]), num_tokens=3)
+    assert st.token_slot[:3].tolist() == [0, st.row_slot_cpu[0].item(), 0]
     h = torch.randn(3, H).to(torch.bfloat16)
     orig = h.clone()
     out = st.apply(3, h)
@@ -117,7 +120,10 @@ def test_mlp_act_slot_fills_its_own_table(st_mlp):
     assert torch.count_nonzero(st_mlp.mlp_table[:, j]) == 0
     # (SiLU(g) + s * v) * up == SiluAndMul(g, up) + s * v * up
     st_mlp.set_row(0, SteerSpec("m", 2.0), prompt_len=1)
-    st_mlp.token_slot[:2] = torch.tensor([i, 0])
+    st_mlp.set_row(1, None, prompt_len=1)
+    st_mlp.sync_rows()
+    st_mlp.prepare_step(torch.tensor([0, 1]), torch.tensor([3, 3]), num_tokens=2)
+    assert st_mlp.token_slot[:2].tolist() == [i, 0]
     gate_up = torch.randn(2, 2 * I)
     g, up = gate_up[:, :I], gate_up[:, I:]
     act = torch.nn.functional.silu(g) * up
@@ -144,14 +150,13 @@ def test_tensor_parallel_rank_takes_its_mlp_columns():
     assert torch.equal(s.mlp_table[0, k], torch.arange(I // 2, I, dtype=torch.float32))
 
 
-def test_capture_records_last_prompt_token_and_follows_moves(st_mlp, monkeypatch):
+def test_capture_records_last_prompt_token_and_follows_moves(st_mlp):
     st_mlp.capture_layers = (1, 3)
     st_mlp.set_capture(0, "c0", prompt_len=3)  # wants position 2
     st_mlp.set_capture(1, "c1", prompt_len=2)  # wants position 1
     st_mlp.move_row(1, 2, swap=False)  # condense: c1 now in row 2
-    qsl = torch.tensor([0, 3, 3, 5], dtype=torch.int32)  # row 1 empty this step
-    monkeypatch.setattr(state_mod, "_query_start_loc", lambda: qsl)
-    st_mlp.prepare(torch.tensor([0, 1, 2, 0, 1]))
+    # row 0 prefills 3 tokens, row 2 prefills 2 (row 1 is empty this step)
+    st_mlp.prepare_step(torch.tensor([0, 0, 0, 2, 2]), torch.tensor([0, 1, 2, 0, 1]), num_tokens=5)
     hidden, resid = torch.randn(5, H), torch.randn(5, H)
     gate_up = torch.randn(5, 2 * I)
     for layer in range(L):
@@ -164,3 +169,43 @@ def test_capture_records_last_prompt_token_and_follows_moves(st_mlp, monkeypatch
     torch.testing.assert_close(caps["c1"]["residual"][1], hidden[4] + 3 + resid[4])
     torch.testing.assert_close(caps["c1"]["mlp_act"][0], torch.nn.functional.silu(gate_up[4, :I]))
     assert st_mlp.pop_captures(["c0"]) == {}  # popped once
+
+
+def test_released_slot_is_zeroed_and_reuse_sees_no_old_vector(st):
+    i = st.acquire(SteerSpec("a", 3.0))  # layers 1, 2
+    st.release(i)
+    assert st.slot_scale[i] == 0
+    assert torch.count_nonzero(st.table[:, i]) == 0  # scale and rows zeroed on release
+    # the next configuration that gets this index sees only its own rows
+    j = st.acquire(SteerSpec("b", 1.0, layers=(3,)))
+    assert j == i
+    assert torch.count_nonzero(st.table[:2, j]) == 0
+    assert torch.equal(st.table[3, j], -torch.ones(H)) and st.slot_scale[j] == 1.0
+
+
+def test_replaced_vector_slot_is_zeroed_when_its_last_request_leaves(st):
+    st.set_row(0, SteerSpec("a", 2.0), prompt_len=1)
+    i = st.row_slot_cpu[0].item()
+    st.register_vector("a", SteeringVector(directions={3: torch.ones(H)}))
+    assert st.slot_scale[i] == 2.0  # the running request keeps the vector it started with
+    st.clear_row(0)
+    assert st.slot_scale[i] == 0 and torch.count_nonzero(st.table[:, i]) == 0
+    assert st.active_slots() == 0
+
+
+def test_prepare_step_needs_no_forward_context(st):
+    """Slots come from the runner's buffers alone: no attention metadata, no vLLM
+    forward context (FlashInfer's metadata has no query_start_loc)."""
+    from vllm.forward_context import is_forward_context_available
+
+    assert not is_forward_context_available()
+    st.set_row(3, SteerSpec("b", 1.0, start=4), prompt_len=2)
+    st.sync_rows()
+    st.prepare_step(torch.tensor([3, 3, 3]), torch.tensor([3, 4, 5]), num_tokens=3)
+    k = st.row_slot_cpu[3].item()
+    assert st.token_slot[:3].tolist() == [0, k, k]
+
+
+def test_prepare_step_rejects_oversized_steps(st):
+    with pytest.raises(RuntimeError, match="max_num_batched_tokens"):
+        st.prepare_step(torch.zeros(40, dtype=torch.long), torch.zeros(40, dtype=torch.long), num_tokens=40)

@@ -16,7 +16,6 @@ from roast_vllm.config import RoastConfig
 from roast_vllm.engine.spec import SteeringRequestError, parse_steer_args
 
 QUALNAME = "roast_vllm.engine.scheduler.SteeringScheduler"
-ASYNC_QUALNAME = "roast_vllm.engine.scheduler.AsyncSteeringScheduler"
 
 
 def _spec(request):
@@ -75,8 +74,26 @@ class _SteeringMixin:
 
 
 class SteeringScheduler(_SteeringMixin, Scheduler):
-    """For engines without async scheduling (vLLM's CPU platform turns it off)."""
+    """The scheduler to name in ``scheduler_cls``: it becomes an ``AsyncSteeringScheduler``
+    when the engine resolved async scheduling on, and stays the synchronous one otherwise.
+
+    vLLM picks ``AsyncScheduler`` or ``Scheduler`` from ``scheduler_config.async_scheduling``
+    only when no ``scheduler_cls`` is given; that setting is resolved in
+    ``VllmConfig.__post_init__`` from the platform, pipeline parallelism, speculative
+    decoding and the executor. We follow the resolved value, not the platform, so a
+    subclass of the wrong base never turns async scheduling off (or on) behind vLLM's back.
+    """
+
+    def __new__(cls, *args, **kwargs):
+        if cls is SteeringScheduler and _async_enabled(args, kwargs):
+            cls = AsyncSteeringScheduler
+        return super().__new__(cls)
 
 
-class AsyncSteeringScheduler(_SteeringMixin, AsyncScheduler):
-    """For engines with async scheduling (vLLM's default on CUDA)."""
+class AsyncSteeringScheduler(SteeringScheduler, AsyncScheduler):
+    """With async scheduling (vLLM's default on CUDA)."""
+
+
+def _async_enabled(args, kwargs) -> bool:
+    vllm_config = kwargs.get("vllm_config", args[0] if args else None)
+    return bool(getattr(getattr(vllm_config, "scheduler_config", None), "async_scheduling", False))

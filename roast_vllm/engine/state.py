@@ -12,6 +12,12 @@ Shapes (``L`` layers, ``S = max_steering_slots + 1`` slots, ``H`` hidden, ``R`` 
     row_slot    [R]        slot of the request in each persistent-batch row
     row_lo/hi   [R]        steered absolute positions [lo, hi) of each row
 
+Per step, before the forward and outside any captured region (CUDA graph or compiled
+graph), ``prepare_step`` fills ``token_slot`` from the model runner's per-token request
+index and positions (``roast_vllm.engine.runner`` calls it, as vLLM prepares LoRA's
+per-token indices): nothing inside the model's ``forward`` depends on per-step Python
+state or on attention metadata, so a replayed full CUDA graph reads the right slots.
+
 Why this layout: inside the compiled graph each layer does one fused gather-add,
 ``h[t] += slot_scale[s] * table[l, s]`` with ``s = token_slot[t]`` (the
 ``roast_vllm.kernels.steer_apply`` op: Triton on CUDA, torch on CPU), reading tensors that
@@ -22,7 +28,8 @@ slot is 0 are left untouched, bit for bit.
 
 ``mlp_act`` steering adds ``delta`` to SiLU(gate) before the multiply by ``up``; since
 ``(SiLU(g) + delta) * up = SiluAndMul(g, up) + delta * up``, the stock fused activation
-stays and the add is ``delta * up`` (exactly 0 for unsteered tokens).
+stays and one fused op adds ``scale[s] * mlp_table[l, s] * up[t]`` to steered tokens
+only (``roast_vllm.kernels.steer_mlp_act``); unsteered tokens are not touched.
 
 Activation capture (eager engines only): a request with ``extra_args["roast_capture"] =
 id`` records, at its last prompt token, the residual stream after every capture layer
@@ -39,6 +46,7 @@ from torch import nn
 
 from roast_vllm.engine.spec import SteerSpec
 from roast_vllm.kernels.steer_apply import steer_apply
+from roast_vllm.kernels.steer_mlp_act import steer_mlp_act
 from roast_vllm.vector import SteeringVector, SteeringVectorError
 
 logger = logging.getLogger("roast_vllm")
@@ -121,11 +129,19 @@ class SteeringState(nn.Module):
         self._rows_dirty = False
         self._tokens_dirty = False
         self.num_steered_rows = 0
+        #: Python-side "any row steered this step" (set by ``prepare_step``); read only on
+        #: eager paths to skip no-op ops, never inside a captured or compiled region.
+        self.step_steered = False
+        #: Steps prepared so far (tests check that the runner hook runs every step).
+        self.num_steps_prepared = 0
 
         self.vectors: dict[str, SteeringVector] = {}
         self._slots: dict[tuple, _Slot] = {}
         self._slot_by_index: dict[int, _Slot] = {}
         self._free = list(range(max_slots, 0, -1))  # pop() gives 1, 2, ...
+        self._used_indices: set[int] = set()
+        #: Acquisitions that reused a previously released slot index (observability).
+        self.num_slot_reuses = 0
         self._row_spec: dict[int, int] = {}  # row -> slot index
 
         # capture: row -> (capture id, absolute position to record)
@@ -162,6 +178,12 @@ class SteeringState(nn.Module):
 
     def _release_index(self, slot: _Slot) -> None:
         self._slot_by_index.pop(slot.index, None)
+        # A freed slot holds nothing: its scale and rows are zeroed, so a stale token_slot
+        # entry (or a later configuration that gets this index) never sees the old vector.
+        # These writes are stream-ordered after every step already launched.
+        self.slot_scale[slot.index] = 0.0
+        self.table[:, slot.index].zero_()
+        self.mlp_table[:, slot.index].zero_()
         self._free.append(slot.index)
 
     # -------------------------------------------------------------- slots
@@ -178,6 +200,8 @@ class SteeringState(nn.Module):
                     "scheduler should have held this request back (please report)"
                 )
             index = self._free.pop()
+            self.num_slot_reuses += index in self._used_indices
+            self._used_indices.add(index)
             layers = spec.layers if spec.layers is not None else tuple(vec.layers)
             mlp = vec.site == "mlp_act"
             width = self.mlp_table.shape[-1] if mlp else self.hidden_size
@@ -281,59 +305,74 @@ class SteeringState(nn.Module):
             self._rows_dirty = False
 
     # ------------------------------------------------------------ forward
-    def prepare(self, positions: torch.Tensor) -> None:
-        """Fill ``token_slot[:n]`` for this step (runs eagerly, before the compiled model).
+    def prepare_step(self, req_indices: torch.Tensor, positions: torch.Tensor, num_tokens: int) -> None:
+        """Fill ``token_slot`` for this step. Runs before the forward, outside any captured
+        region; the graph reads ``token_slot`` by address.
 
-        Token ``t`` belongs to row ``r`` where ``query_start_loc[r] <= t <
-        query_start_loc[r+1]``; it is steered with ``row_slot[r]`` when its absolute
-        position lies in ``[row_lo[r], row_hi[r])``, else it gets slot 0.
+        Args:
+            req_indices: ``[>= num_tokens]`` int, the persistent-batch row of each token
+                (the model runner's own per-token request index).
+            positions: ``[T_pad]`` int, absolute position of each token; ``T_pad >=
+                num_tokens`` is the (CUDA-graph) padded step size.
+            num_tokens: real tokens this step; tokens ``num_tokens..`` are padding.
+
+        Token ``t`` of row ``r`` gets ``row_slot[r]`` when ``row_lo[r] <= pos(t) <
+        row_hi[r]``, else 0; padded tokens get 0.
         """
-        n = positions.shape[0]
-        if n > self.max_num_tokens:
+        n_pad = positions.shape[-1]
+        if n_pad > self.max_num_tokens or num_tokens > n_pad:
             raise RuntimeError(
-                f"roast-vllm: step has {n} tokens but steering buffers hold "
-                f"{self.max_num_tokens}; raise max_num_batched_tokens consistently"
+                f"roast-vllm: step has {num_tokens} tokens ({n_pad} padded) but steering buffers "
+                f"hold {self.max_num_tokens}; raise max_num_batched_tokens consistently"
             )
-        self._prepare_capture(positions)
-        if self.num_steered_rows == 0:
+        self.num_steps_prepared += 1
+        self._prepare_capture(req_indices, positions, num_tokens)
+        self.step_steered = self.num_steered_rows > 0
+        if not self.step_steered:
             if self._tokens_dirty:
                 self.token_slot.zero_()
                 self._tokens_dirty = False
             return
-        qsl = _query_start_loc()
-        if qsl is None:  # profiling / dummy runs: no real requests
-            self.token_slot[:n].zero_()
-            return
-        num_reqs = qsl.numel() - 1
-        ar = self._arange[:n]
-        tok_row = torch.searchsorted(qsl[1:].to(torch.int32), ar, right=True).clamp_(max=num_reqs - 1)
-        pos = positions.to(torch.long)
-        keep = (ar < qsl[num_reqs]) & (pos >= self.row_lo[tok_row]) & (pos < self.row_hi[tok_row])
-        torch.mul(self.row_slot[tok_row], keep, out=self.token_slot[:n])
+        n = num_tokens
+        rows = req_indices[:n].to(device=self.token_slot.device, dtype=torch.long)
+        pos = positions[:n].to(torch.long)
+        keep = (pos >= self.row_lo[rows]) & (pos < self.row_hi[rows])
+        torch.mul(self.row_slot[rows], keep, out=self.token_slot[:n])
+        self.token_slot[n:].zero_()  # padded graph tokens (and any stale tail) get slot 0
         self._tokens_dirty = True
+
+    def _eager_skip(self, x: torch.Tensor) -> bool:
+        """True when the steering op may be skipped: plain eager execution with no steered
+        row this step. Never inside torch.compile tracing or CUDA-graph capture, where the
+        op must be recorded whatever this step holds."""
+        if torch.compiler.is_compiling():
+            return False
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return False
+        return not self.step_steered
 
     def apply(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """Steer ``h [n, H]`` (the stream after ``layer``) in place; traced into the
         compiled graph, where it reads the live buffers."""
-        if not torch.compiler.is_compiling() and self.num_steered_rows == 0:
-            return h  # eager fast path; a compiled graph always runs the (no-op) op
+        if self._eager_skip(h):
+            return h
         return steer_apply(h, self.table[layer], self.token_slot[: h.shape[0]], self.slot_scale)
 
     def apply_mlp(self, layer: int, act: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
-        """``act [n, I] = SiluAndMul(gate_up)``; returns ``act + delta * up`` where
-        ``delta[t] = slot_scale[s] * mlp_table[layer, s]`` (the ``mlp_act`` steering).
+        """``act [n, I] = SiluAndMul(gate_up)``; adds ``slot_scale[s] * mlp_table[layer, s]
+        * up[t]`` to steered tokens in place (the ``mlp_act`` steering) and returns it.
         A capture records SiLU(gate) itself, before steering."""
-        if not torch.compiler.is_compiling():
-            if self._cap_index is not None and "mlp_act" in self.capture_sites:
-                gate = gate_up[..., : act.shape[-1]]
+        width = act.shape[-1]
+        if not torch.compiler.is_compiling() and self._cap_index is not None:
+            if "mlp_act" in self.capture_sites:
+                gate = gate_up[..., :width]
                 self._record(layer, "mlp_act", torch.nn.functional.silu(gate[self._cap_index].float()))
-            if self.num_steered_rows == 0:
-                return act
+        if self._eager_skip(act):
+            return act
         n = act.shape[0]
-        delta = steer_apply(
-            torch.zeros_like(act), self.mlp_table[layer], self.token_slot[:n], self.slot_scale
+        return steer_mlp_act(
+            act, gate_up[..., width:], self.mlp_table[layer], self.token_slot[:n], self.slot_scale
         )
-        return act + delta * gate_up[..., act.shape[-1] :]
 
     # ------------------------------------------------------------ capture
     def capture_residual(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
@@ -354,12 +393,9 @@ class SteeringState(nn.Module):
         for i, cid in enumerate(self._cap_ids):
             self._cap_step[cid][site][k] = rows[i].cpu()
 
-    def _prepare_capture(self, positions: torch.Tensor) -> None:
+    def _prepare_capture(self, req_indices: torch.Tensor, positions: torch.Tensor, n: int) -> None:
         self._finish_capture_step()
         if not self._capture_rows:
-            return
-        qsl = _query_start_loc()
-        if qsl is None:
             return
         if self.compiled:
             logger.error(
@@ -369,18 +405,16 @@ class SteeringState(nn.Module):
             )
             self._capture_rows.clear()
             return
-        starts = qsl.tolist()
-        pos = positions.tolist()
+        rows = req_indices[:n].tolist()
+        pos = positions[:n].tolist()
+        want = {(row, at): cid for row, (cid, at) in self._capture_rows.items()}
         idx, ids = [], []
-        for row, (cid, at) in list(self._capture_rows.items()):
-            if row + 1 >= len(starts):
-                continue
-            for t in range(starts[row], starts[row + 1]):
-                if pos[t] == at:
-                    idx.append(t)
-                    ids.append(cid)
-                    del self._capture_rows[row]
-                    break
+        for t, key in enumerate(zip(rows, pos)):
+            cid = want.get(key)
+            if cid is not None:
+                idx.append(t)
+                ids.append(cid)
+                del self._capture_rows[key[0]]
         if idx:
             self._cap_index = torch.tensor(idx, device=positions.device)
             self._cap_ids = ids
@@ -399,20 +433,3 @@ class SteeringState(nn.Module):
     def pop_captures(self, ids: list[str]) -> dict[str, dict[str, torch.Tensor]]:
         self._finish_capture_step()
         return {cid: self.captures.pop(cid) for cid in ids if cid in self.captures}
-
-
-def _query_start_loc() -> torch.Tensor | None:
-    from vllm.forward_context import get_forward_context, is_forward_context_available
-
-    if not is_forward_context_available():
-        return None
-    meta = get_forward_context().attn_metadata
-    if isinstance(meta, list):
-        meta = meta[0] if meta else None
-    if not meta:
-        return None
-    for m in meta.values():
-        qsl = getattr(m, "query_start_loc", None)
-        if qsl is not None:
-            return qsl
-    return None

@@ -54,4 +54,6 @@ class SteeringWorkerExtension:
             "hidden_size": state.hidden_size,
             "mlp_size": state.mlp_size,
             "compiled": state.compiled,
+            "steps_prepared": state.num_steps_prepared,
+            "slot_reuses": state.num_slot_reuses,
         }

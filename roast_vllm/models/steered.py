@@ -3,10 +3,9 @@
 
 In vLLM's Llama-style layers the residual stream after layer ``l`` is
 ``hidden + residual`` (the next layer's fused add-RMSNorm sums them), so adding the
-steering to ``hidden`` adds it to the stream. The outer ``forward`` is eager in vLLM
-(only the inner ``*Model`` is torch.compiled), which is where the per-token slots are
-computed from the batch layout; the compiled graph only reads the in-place-updated
-buffers.
+steering to ``hidden`` adds it to the stream. The per-token slots are computed by the
+model runner hook before each forward (``roast_vllm.engine.runner``); the model (eager,
+compiled or replayed as a CUDA graph) only reads the in-place-updated buffers.
 
 Classes are made on first access (module ``__getattr__``) so that importing this module
 does not import every model family.
@@ -19,6 +18,7 @@ import importlib
 import torch
 
 from roast_vllm.config import RoastConfig
+from roast_vllm.engine.runner import find_model_runner, install_step_hook
 from roast_vllm.engine.state import SteeringState, set_state
 from roast_vllm.models import FAMILIES, PREFIX
 from roast_vllm.vector import SteeringVector
@@ -106,6 +106,8 @@ def _attach_steering(self, vllm_config) -> None:
             object.__setattr__(mlp, "_roast_layer", idx)
     for name, path in cfg.vectors.items():
         state.register_vector(name, SteeringVector.load(path))
+    # Fails engine start on a runner we cannot hook (never serve steering unsteered).
+    install_step_hook(find_model_runner(), state)
     set_state(state)
 
 
@@ -123,11 +125,9 @@ def steered_model_class(name: str) -> type:
             base.__init__(self, vllm_config=vllm_config, prefix=prefix, **kwargs)
             _attach_steering(self, vllm_config)
 
-        def forward(self, input_ids, positions, *args, **kwargs):
-            self.roast_state.prepare(positions)
-            return base.forward(self, input_ids, positions, *args, **kwargs)
-
-        cls = type(name, (base,), {"__init__": __init__, "forward": forward, "__module__": __name__})
+        # No forward override: under a full CUDA graph the model's Python does not run, so
+        # per-step slots are prepared by the model runner hook (roast_vllm.engine.runner).
+        cls = type(name, (base,), {"__init__": __init__, "__module__": __name__})
         cls.__qualname__ = name
         _model_classes[name] = cls
     return cls

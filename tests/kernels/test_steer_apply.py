@@ -20,7 +20,9 @@ def make(T, H, dtype, seed=0):
     table = torch.randn(S, H, generator=g)
     table[0] = 0
     slot = torch.randint(0, S, (T,), generator=g)
-    slot[0] = 0  # at least one unsteered row
+    slot[0] = S - 1  # at least one steered row, also when T == 1
+    if T > 1:
+        slot[-1] = 0  # and at least one unsteered row
     scale = torch.tensor([0.0, 1.5, -2.0, 0.25, 4.0])
     return h, table, slot, scale
 

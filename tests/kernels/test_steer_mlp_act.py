@@ -1,0 +1,183 @@
+"""steer_mlp_act: Triton kernel (interpreted) vs torch reference vs fp64; slot 0 is bit-identical.
+
+``up`` is always passed as the strided view ``gate_up[:, I:]`` the model hands over, and its
+unsteered rows hold inf/nan, which must not leak into ``act``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from roast_vllm.kernels.steer_mlp_act import steer_mlp_act, steer_mlp_act_ref, steer_mlp_act_triton
+
+S = 5
+SCALE = torch.tensor([0.0, 1.5, -2.0, 0.25, 4.0])
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Kernel vs reference. Both compute in fp32 in the same order and round once, and are
+# bitwise equal in the interpreter for fp32/fp16; bf16 differs by up to 1 ulp because the
+# interpreter truncates fp32 -> bf16 where the GPU (and torch) round to nearest even.
+TOL = {
+    torch.float32: dict(atol=1e-5, rtol=1e-6),
+    torch.bfloat16: dict(atol=0, rtol=2**-7),
+    torch.float16: dict(atol=1e-3, rtol=1e-3),
+}
+# Against fp64: |out - exact| <= UNIT * |exact| + 4 * 2^-24 * (|act| + |delta * up|) + ATOL.
+# UNIT is the final rounding to the dtype (a full ulp for bf16: interpreter truncation), the
+# middle term the three fp32 roundings before it, ATOL fp16's subnormal spacing.
+UNIT = {torch.float32: 2**-24, torch.bfloat16: 2**-7, torch.float16: 2**-11}
+ATOL = {torch.float32: 0.0, torch.bfloat16: 0.0, torch.float16: 2**-24}
+
+# Interpreter time grows with T * ceil(I / 1024) programs, so the widest width gets T <= 7.
+CASES = [
+    pytest.param(I, T, dt, id=f"I{I}-T{T}-{name}")
+    for I, Ts in [(769, (1, 7, 63)), (1536, (1, 7, 63)), (13824, (1, 7, 63)), (27648, (1, 7))]
+    for T in Ts
+    for name, dt in DTYPES.items()
+]
+
+
+def make(T, I, dtype, seed=0, slot_dtype=torch.int64):
+    """act, up = gate_up[:, I:], table, slot, scale. Row 0 is always steered (so T = 1 cases
+    steer), the last row unsteered when T > 1; unsteered rows of up hold inf/nan."""
+    g = torch.Generator().manual_seed(seed)
+    act = (2 * torch.randn(T, I, generator=g)).to(dtype)
+    gate_up = (2 * torch.randn(T, 2 * I, generator=g)).to(dtype)
+    table = torch.randn(S, I, generator=g)
+    table[0] = 0
+    slot = torch.randint(0, S, (T,), generator=g)
+    slot[0] = S - 1
+    if T > 1:
+        slot[-1] = 0
+    up = gate_up[:, I:]
+    idle = (slot == 0).nonzero().flatten()
+    up[idle, 0::3] = float("inf")
+    up[idle, 1::3] = float("nan")
+    up[idle, 2::3] = -float("inf")
+    return act, gate_up, up, table, slot.to(slot_dtype), SCALE.clone()
+
+
+def bits(x):
+    return x.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+
+
+def assert_near_fp64(out, act, up, table, slot, scale):
+    rows = slot != 0
+    s = slot[rows].long()
+    a = act[rows].double()
+    du = table.double()[s] * scale.double()[s][:, None] * up[rows].double()
+    want = a + du
+    err = (out[rows].double() - want).abs()
+    bound = UNIT[act.dtype] * want.abs() + 4 * 2**-24 * (a.abs() + du.abs()) + ATOL[act.dtype]
+    bad = err > bound
+    assert not bad.any(), f"{int(bad.sum())} elements off fp64; worst excess {(err - bound).max().item():.3g}"
+
+
+@pytest.mark.parametrize("I, T, dtype", CASES)
+def test_kernel_matches_reference(I, T, dtype):
+    act, gate_up, up, table, slot, scale = make(T, I, dtype)
+    assert up.stride() == (2 * I, 1) and up.data_ptr() == gate_up.data_ptr() + I * gate_up.element_size()
+    gate_up_before = gate_up.clone()
+    out = steer_mlp_act_triton(act.clone(), up, table, slot, scale)
+    ref = steer_mlp_act_ref(act.clone(), up, table, slot, scale)
+
+    torch.testing.assert_close(out, ref, **TOL[dtype], equal_nan=False)
+    idle, busy = slot == 0, slot != 0
+    assert busy.any()
+    for res in (out, ref):
+        assert torch.equal(bits(res[idle]), bits(act[idle])), "slot-0 rows must be bit-identical"
+        assert not torch.equal(res[busy], act[busy]), "steered rows must change"
+        assert_near_fp64(res, act, up, table, slot, scale)
+    assert torch.equal(bits(gate_up), bits(gate_up_before)), "up (gate_up) must not be written"
+
+
+@pytest.mark.parametrize(
+    "I, T, dtype",
+    [
+        pytest.param(769, 7, torch.bfloat16, id="I769-T7-bf16"),
+        pytest.param(13824, 7, torch.float16, id="I13824-T7-fp16"),
+        pytest.param(27648, 1, torch.float32, id="I27648-T1-fp32"),
+    ],
+)
+def test_int32_slot_and_contiguous_up(I, T, dtype):
+    """int32 slots and a dense copy of up give the same bits as int64 slots and the view."""
+    act, _, up, table, slot, scale = make(T, I, dtype)
+    assert slot.dtype == torch.int64
+    want_kernel = steer_mlp_act_triton(act.clone(), up, table, slot, scale)
+    want_ref = steer_mlp_act_ref(act.clone(), up, table, slot, scale)
+    for sl, u in [(slot.int(), up), (slot, up.contiguous())]:
+        assert torch.equal(bits(steer_mlp_act_triton(act.clone(), u, table, sl, scale)), bits(want_kernel))
+        assert torch.equal(bits(steer_mlp_act_ref(act.clone(), u, table, sl, scale)), bits(want_ref))
+
+
+def test_reference_math():
+    """The reference against an explicit fp64 loop, including inf/nan in unsteered rows of up."""
+    T, I = 5, 3
+    g = torch.Generator().manual_seed(1)
+    act = torch.randn(T, I, generator=g)
+    up = torch.randn(T, I, generator=g)
+    table = torch.randn(3, I, generator=g)
+    table[0] = 0
+    scale = torch.tensor([0.0, 2.0, -0.5])
+    slot = torch.tensor([1, 0, 2, 0, 1], dtype=torch.int32)
+    up[1] = float("nan")
+    up[3] = float("inf")
+    want = act.double().clone()
+    for t in range(T):
+        s = int(slot[t])
+        if s:
+            for i in range(I):
+                want[t, i] += float(scale[s]) * float(table[s, i]) * float(up[t, i])
+    out = steer_mlp_act_ref(act.clone(), up, table, slot, scale)
+    torch.testing.assert_close(out.double(), want, atol=1e-6, rtol=1e-6)
+    assert torch.equal(out[[1, 3]], act[[1, 3]])
+
+
+def test_scale_zero_is_identity():
+    act, _, up, table, slot, _ = make(7, 769, torch.bfloat16)
+    zero = torch.zeros(S)
+    assert torch.equal(bits(steer_mlp_act_triton(act.clone(), up, table, slot, zero)), bits(act))
+    assert torch.equal(bits(steer_mlp_act_ref(act.clone(), up, table, slot, zero)), bits(act))
+
+
+def test_custom_op_compiles_and_matches():
+    """The op the engine uses on CUDA is an in-place custom op torch.compile can hold; the
+    reference itself traces without graph breaks (no data-dependent shapes)."""
+    act, _, up, table, slot, scale = make(7, 769, torch.float32)
+    want = steer_mlp_act_ref(act.clone(), up, table, slot, scale)
+
+    def f(x):
+        x = x * 1.0
+        torch.ops.roast_vllm.steer_mlp_act(x, up, table, slot, scale)
+        return x
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(act.clone()), want)
+    ref_c = torch.compile(steer_mlp_act_ref, fullgraph=True, backend="eager")
+    torch.testing.assert_close(ref_c(act.clone(), up, table, slot, scale), want)
+    torch.testing.assert_close(steer_mlp_act(act.clone(), up, table, slot, scale), want)
+
+
+def test_validation():
+    act, gate_up, up, table, slot, scale = make(4, 64, torch.float32)
+    with pytest.raises(ValueError, match="share I"):
+        steer_mlp_act_triton(act, up, table[:, :32], slot, scale)
+    with pytest.raises(ValueError, match="share I"):
+        steer_mlp_act_triton(act[0], up, table, slot, scale)
+    with pytest.raises(ValueError, match="up must have act's shape"):
+        steer_mlp_act_triton(act, up[:3], table, slot, scale)
+    with pytest.raises(ValueError, match="up must have act's dtype"):
+        steer_mlp_act_triton(act, up.double(), table, slot, scale)
+    with pytest.raises(ValueError, match="slot must be \\[T"):
+        steer_mlp_act_triton(act, up, table, slot[:2], scale)
+    with pytest.raises(ValueError, match="integer"):
+        steer_mlp_act_triton(act, up, table, slot.float(), scale)
+    with pytest.raises(ValueError, match="scale must be"):
+        steer_mlp_act_triton(act, up, table, slot, scale[:2])
+    with pytest.raises(ValueError, match="act must be contiguous along I"):
+        steer_mlp_act_triton(gate_up[:, ::2], up, table, slot, scale)
+    with pytest.raises(ValueError, match="up must have unit stride"):
+        steer_mlp_act_triton(act, torch.randn(64, 4).t(), table, slot, scale)
+    with pytest.raises(ValueError, match="table must be contiguous"):
+        steer_mlp_act_triton(act, up, torch.randn(64, S).t(), slot, scale)
+    empty = torch.empty(0, 64)
+    assert steer_mlp_act_triton(empty, empty, table, slot[:0], scale) is empty
