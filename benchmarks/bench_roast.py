@@ -54,7 +54,10 @@ def main() -> None:
     p.add_argument("--out", default="results/roast")
     p.add_argument("--data-dir", default=str(DATA))
     p.add_argument("--gsm8k-rollout-q", type=int, default=64, help="part-a questions sampled for GSM8K")
-    args = p.parse_args()
+    from roast_vllm import engine_args
+
+    engine_args.add_engine_args(p)  # any vLLM engine argument (e.g. --dtype bfloat16) reaches every worker
+    args = engine_args.parse_args(p)
 
     from roast_vllm.estimate import EstimateOptions, estimate_from_rollouts
     from roast_vllm.evaluate import evaluate
@@ -64,7 +67,7 @@ def main() -> None:
 
     out_root = Path(args.out)
     summary = []
-    engine = EngineOptions(enforce_eager=True, max_model_len=2048, kv_cache_gib=1.0)
+    engine = EngineOptions(enforce_eager=True, max_model_len=2048, kv_cache_gib=1.0, extra=args.engine_kwargs)
     with WorkerPool(engine, PoolOptions(workers=args.workers)) as pool:
         for task in args.tasks.split(","):
             t0 = time.time()

@@ -26,10 +26,12 @@ def main(argv=None) -> None:
     p.add_argument("--scale", type=float, default=4.0)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--eager", action="store_true", help="enforce_eager (default: vLLM's compile mode)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.3)
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--out", type=Path, default=Path("results/throughput"))
-    args = p.parse_args(argv)
+    from roast_vllm import engine_args
+
+    engine_args.add_engine_args(p)  # any vLLM engine argument: --dtype, -tp, --gpu-memory-utilization ...
+    args = engine_args.parse_args(p, argv)
 
     import torch
 
@@ -45,13 +47,14 @@ def main(argv=None) -> None:
 
     model = args.model or default_model()
     kwargs = dict(
-        gpu_memory_utilization=args.gpu_memory_utilization,
+        gpu_memory_utilization=0.3,
         max_model_len=args.max_model_len,
         max_steering_slots=max(args.ks + [1]),
         seed=0,
     )
     if args.eager:
         kwargs["enforce_eager"] = True
+    kwargs.update(args.engine_kwargs)
     t0 = time.perf_counter()
     llm = roast_vllm.LLM(model, **kwargs)
     start_s = time.perf_counter() - t0

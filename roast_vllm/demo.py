@@ -47,8 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--data-dir", type=Path, default=SHARED, help="folder with truthfulqa_dev.csv")
-    p.add_argument("--questions", type=int, default=160, help="TruthfulQA rows used (split a / b)")
+    p.add_argument("--questions", type=int, default=120, help="TruthfulQA rows used (split a / b)")
     p.add_argument("--roast-scales", default="0,2,4", help="eval sweep for the ROAST vector")
+    p.add_argument("--samples", type=int, default=4, help="rollouts per question")
+    p.add_argument(
+        "--mc",
+        action="store_true",
+        help="also score MC1/MC2 by log-likelihood in the evals (about 80 s more per scale here)",
+    )
     p.add_argument("--caa-scale", type=float, default=0.1, help="raw mean differences: small scales")
     p.add_argument("--workers", type=int, default=2, help="Ray workers for rollouts and eval")
     add_engine_args(p)  # passed to every step's engine
@@ -209,7 +215,7 @@ def roast_loop(args, model: str, cli) -> Path:
             "--split",
             "a",
             "--n",
-            "6",
+            str(args.samples),
             "--out",
             str(rollouts),
             "--workers",
@@ -231,8 +237,11 @@ def roast_loop(args, model: str, cli) -> Path:
             [*est, "--method", method, "--out", str(vecs[method]), "--workers", "0", "--model", model, *eng],
             args.engine_argv,
         )
-    print("\n== 4/5 eval on split b (disjoint): greedy accuracy, MC1, MC2 with 95% intervals", flush=True)
+    what = "greedy accuracy, MC1, MC2" if args.mc else "greedy accuracy (--mc adds MC1/MC2)"
+    print(f"\n== 4/5 eval on split b (disjoint): {what} with 95% intervals", flush=True)
     ev = ["eval", *common, "--split", "b", "--workers", str(args.workers), *eng]
+    if not args.mc:
+        ev.append("--no-mc")
     _run(
         cli,
         [

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ENGINE_DEFAULTS, shutdown
+from conftest import ENGINE_DEFAULTS, TORCH_DTYPE, shutdown
 
 from roast_vllm import SteeringVector
 from roast_vllm.engine.spec import SteerSpec
@@ -40,7 +40,7 @@ def llm(model_dir):
 def hf_model(model_dir):
     from roast_vllm.hf import load_hf
 
-    return load_hf(model_dir, dtype=torch.bfloat16)[0]
+    return load_hf(model_dir, dtype=TORCH_DTYPE)[0]
 
 
 @pytest.fixture(scope="module")

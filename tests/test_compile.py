@@ -49,10 +49,13 @@ def llm(model_dir, stock_ids):
 
     # lets the replay-emulation test send a function to the engine process (test only)
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
-    llm = roast_vllm.LLM(model_dir, **ENGINE)
-    roast_vllm.register_vector(llm, "v", SteeringVector.random(30, 576, seed=11))
-    yield llm
-    shutdown(llm)
+    try:
+        llm = roast_vllm.LLM(model_dir, **ENGINE)
+        roast_vllm.register_vector(llm, "v", SteeringVector.random(30, 576, seed=11))
+        yield llm
+        shutdown(llm)
+    finally:
+        del os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"]
 
 
 def test_compile_mode_is_on(llm):

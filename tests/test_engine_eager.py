@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import ENGINE_DEFAULTS, PROMPTS, assert_greedy_match, shutdown, token_ids
+from conftest import ENGINE_DEFAULTS, PROMPTS, TORCH_DTYPE, assert_greedy_match, shutdown, token_ids
 
 from roast_vllm import SteeringVector, SteeringVectorError
 from roast_vllm.engine.spec import SteerSpec
@@ -206,7 +206,7 @@ def test_prefix_cache_never_mixes_steered_and_unsteered_kv(llm):
 def hf_model(model_dir):
     from roast_vllm.hf import load_hf
 
-    model, _ = load_hf(model_dir, dtype=torch.bfloat16)
+    model, _ = load_hf(model_dir, dtype=TORCH_DTYPE)
     return model
 
 

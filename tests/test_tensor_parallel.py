@@ -10,6 +10,7 @@ same tokens as TP 1 up to the first near tie."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -89,6 +90,16 @@ def _run(ckpt: str, tp: int) -> dict[str, list]:
 
     import roast_vllm
 
+    if tp > 1:
+        # vLLM's CPU backend binds each rank's OpenMP threads to one NUMA node by default
+        # and refuses TP > NUMA nodes (one here); bind each rank to its own cores instead.
+        cpus = sorted(os.sched_getaffinity(0))
+        per = max(len(cpus) // tp, 1)
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+            ",".join(map(str, cpus[r * per : (r + 1) * per] or cpus[-1:])) for r in range(tp)
+        )
+    else:
+        os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
     llm = roast_vllm.LLM(
         ckpt,
         tensor_parallel_size=tp,
