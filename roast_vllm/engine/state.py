@@ -114,11 +114,6 @@ class SteeringState(nn.Module):
             torch.zeros(max_num_tokens, dtype=torch.long, device=device),
             persistent=False,
         )
-        self.register_buffer(
-            "_arange",
-            torch.arange(max_num_tokens, dtype=torch.int32, device=device),
-            persistent=False,
-        )
         # Host-side per-row state (the tracker writes it), mirrored to the device.
         self.row_slot_cpu = torch.zeros(max_num_seqs, dtype=torch.long)
         self.row_lo_cpu = torch.zeros(max_num_seqs, dtype=torch.long)
@@ -210,8 +205,9 @@ class SteeringState(nn.Module):
             for l in layers:
                 # tensor parallel: this rank's MLP columns are one contiguous slice
                 rows[l] = vec.directions[l][rank * width : (rank + 1) * width]
+            # the other site's rows of this slot are already zero: free slots hold nothing
+            # (zeroed at start and by _release_index)
             (self.mlp_table if mlp else self.table)[:, index].copy_(rows)
-            (self.table if mlp else self.mlp_table)[:, index].zero_()
             self.slot_scale[index] = spec.scale
             slot = _Slot(index, key)
             self._slots[key] = slot
