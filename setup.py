@@ -27,7 +27,7 @@ setup(
         "cuda": ["vllm==0.32.*", "triton"],
         "ray": ["ray[default]>=2.9"],
         "roast": ["ray[default]>=2.9", "optuna>=3", "pandas", "pyarrow"],
-        "dev": ["pytest>=8", "ruff", "optuna>=3", "ray[default]>=2.9", "pandas", "pyarrow"],
+        "dev": ["pytest>=8", "hypothesis>=6.100", "openai>=1.0", "ruff", "optuna>=3", "ray[default]>=2.9", "pandas", "pyarrow"],
     },
     entry_points={
         "vllm.general_plugins": ["roast_vllm = roast_vllm.plugin:register"],

@@ -66,17 +66,21 @@ def _kernel():
         t = tl.program_id(0)
         s = tl.load(SLOT + t)
         if s != 0:
+            # int64 row offsets: t * stride_h passes 2^31 elements once tokens x hidden does
+            # (e.g. 420k tokens x 5120), and int32 arithmetic would wrap to a wild address
+            t64 = t.to(tl.int64)
+            s64 = s.to(tl.int64)
             offs = tl.arange(0, BLOCK)
             mask = offs < n_cols
-            x = tl.load(Hp + t * stride_h + offs, mask=mask, other=0.0).to(tl.float32)
-            v = tl.load(TABLE + s * stride_t + offs, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(Hp + t64 * stride_h + offs, mask=mask, other=0.0).to(tl.float32)
+            v = tl.load(TABLE + s64 * stride_t + offs, mask=mask, other=0.0).to(tl.float32)
             a = tl.load(SCALE + s).to(tl.float32)
             y = x + a * v
             if ENERGY:
                 nx = tl.sqrt(tl.sum(x * x, axis=0))
                 ny = tl.sqrt(tl.sum(y * y, axis=0))
                 y = y * (nx / tl.maximum(ny, 1e-12))
-            tl.store(Hp + t * stride_h + offs, y.to(Hp.dtype.element_ty), mask=mask)
+            tl.store(Hp + t64 * stride_h + offs, y.to(Hp.dtype.element_ty), mask=mask)
 
     return steer_apply_kernel
 

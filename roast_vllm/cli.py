@@ -217,6 +217,7 @@ def serve_command(
     extra: list[str] = (),
     *,
     cpu: bool | None = None,
+    allow_capture: bool = False,
 ) -> tuple[list[str], dict]:
     """The ``vllm serve`` command line (and env) that serves ``model`` with steering.
 
@@ -225,16 +226,21 @@ def serve_command(
     the steering ones (``--scheduler-cls``, ``--worker-extension-cls``: refused). Not given, the CPU dtype rule (``--dtype``) and bounded steps are
     added (``engine_args.step_bounds``; clients may send seeded requests). ``cpu``
     overrides platform detection."""
-    from roast_vllm.llm import steering_engine_kwargs
+    from roast_vllm.llm import check_supported, steering_engine_kwargs
 
     given = engine_args.engine_kwargs(list(extra), prog="roast-vllm serve", serve=True)
+    check_supported(given)
     merged = {k: given[k] for k in MERGED_SERVE_OPTIONS if k in given}
-    kw = steering_engine_kwargs(model, max_steering_slots, vectors, **merged)
     if cpu is None:
         cpu = engine_args.on_cpu()
     defaults: dict[str, Any] = {}
     if "dtype" not in given and (dtype := engine_args.default_dtype(cpu)) is not None:
         defaults["dtype"] = dtype
+    # the front end's registry records the engine's length and dtype (request bounds)
+    front = {k: v for k, v in {**defaults, **given}.items() if k in ("max_model_len", "dtype")}
+    kw = steering_engine_kwargs(
+        model, max_steering_slots, vectors, allow_capture=allow_capture, **merged, **front
+    )
     sched = {
         k: given[k]
         for k in ("enable_chunked_prefill", "max_num_batched_tokens", "max_model_len")
@@ -266,6 +272,7 @@ def serve_command(
 
 def cmd_serve(args) -> None:
     from roast_vllm import SteeringVector
+    from roast_vllm.llm import site_dim
     from roast_vllm.model_prep import default_model, model_dims
 
     model = args.model or default_model()
@@ -275,9 +282,12 @@ def cmd_serve(args) -> None:
         if "=" not in item:
             raise SystemExit(f"error: --vector takes NAME=FILE, got {item!r}")
         name, path = item.split("=", 1)
-        SteeringVector.load(path).validate_for(dims["num_layers"], dims["hidden_size"])
+        vec = SteeringVector.load(path)
+        vec.validate_for(dims["num_layers"], site_dim(dims, vec.site))  # mlp_act vectors too
         vectors[name] = str(Path(path).resolve())
-    cmd, env = serve_command(model, vectors, args.max_steering_slots, args.engine_argv)
+    cmd, env = serve_command(
+        model, vectors, args.max_steering_slots, args.engine_argv, allow_capture=args.allow_capture
+    )
     print(
         "+ " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + shlex.join(cmd), flush=True
     )
@@ -340,6 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vector", action="append", default=[], metavar="NAME=FILE")
     s.add_argument("--max-steering-slots", type=int, default=64)
     s.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    s.add_argument(
+        "--allow-capture",
+        action="store_true",
+        help="accept roast_capture requests (activation capture) from clients; off by default: "
+        "captures are held in worker memory until popped",
+    )
     engine_args.add_engine_args(s, serve=True)
     s.set_defaults(func=cmd_serve)
 

@@ -32,9 +32,27 @@ class RoastConfig:
     multiply by up). Costs ``layers * (slots + 1) * intermediate`` fp32 and one fused
     multiply-add per layer in compiled graphs; switch off for the residual stream only."""
 
+    allow_capture: bool = False
+    """Accept ``roast_capture`` requests (activation capture for ROAST estimation; eager
+    engines only). ``roast_vllm.LLM`` turns it on (the offline caller is the one who pops
+    the captures); servers leave it off unless started with ``--allow-capture``, so an
+    HTTP client cannot make workers hold activations."""
+
+    max_capture_mib: int = 1024
+    """Captured activations a worker holds until they are popped; beyond this the oldest
+    captures are dropped (with an error in the log) instead of growing without bound."""
+
     num_layers: int | None = None
     """The model's layer count, recorded by ``roast_vllm`` so a front end that has no
     model (the API server process) can check ``steer_layers`` ranges at submission."""
+
+    max_model_len: int | None = None
+    """The engine's maximum model length, recorded for the front end: ``steer_start``
+    must be below it."""
+
+    model_dtype: str | None = None
+    """The engine's model dtype (e.g. ``bfloat16``), recorded for the front end: it bounds
+    how much a scaled vector may add to an activation (``spec.MAX_DELTA``)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.max_steering_slots, bool) or not isinstance(self.max_steering_slots, int):
@@ -45,6 +63,8 @@ class RoastConfig:
             isinstance(k, str) and isinstance(v, str) for k, v in self.vectors.items()
         ):
             raise ValueError(f"roast 'vectors' must map names to file paths, got {self.vectors!r}")
+        if isinstance(self.max_capture_mib, bool) or not isinstance(self.max_capture_mib, int):
+            raise ValueError(f"max_capture_mib must be an int, got {self.max_capture_mib!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> RoastConfig:

@@ -94,4 +94,6 @@ def model_dims(model: str | Path) -> dict:
         "num_layers": text["num_hidden_layers"],
         "hidden_size": text["hidden_size"],
         "intermediate_size": text.get("intermediate_size"),
+        "max_position_embeddings": text.get("max_position_embeddings"),
+        "torch_dtype": text.get("torch_dtype") or cfg.get("torch_dtype"),
     }

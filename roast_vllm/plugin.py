@@ -2,8 +2,10 @@
 
 vLLM calls ``register()`` in every process it starts, so it must be cheap and safe to
 call twice. It only adds the steered architectures (``Roast<Arch>``) to vLLM's model
-registry, lazily (no model code is imported). Stock architectures are untouched: a
-model is steered only when its architecture is overridden to ``Roast<Arch>``.
+registry, lazily (no model code is imported), and in an API-server process refuses
+steering combined with beam search (``roast_vllm.engine.beam_search``). Stock
+architectures are untouched: a model is steered only when its architecture is overridden
+to ``Roast<Arch>``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ _registered = False
 
 def register() -> None:
     global _registered
+    from roast_vllm.engine.beam_search import refuse_steered_beam_search
+
+    refuse_steered_beam_search()  # API server only (no-op elsewhere; see the module)
     if _registered:
         return
     from vllm import ModelRegistry

@@ -129,6 +129,22 @@ class SteeringVector:
                 f"vector was made for a {self.num_layers}-layer model, the {what} has {num_layers} layers"
             )
 
+    def digest(self) -> str:
+        """16 hex chars identifying what steering does with this vector: site and the
+        exact fp32 directions (metadata excluded). Front end and workers compute it
+        independently; a request is pinned to the digest current when it was submitted."""
+        import hashlib
+
+        h = hashlib.sha256(f"{self.site}:{self.hidden_size}".encode())
+        for l, t in self.directions.items():
+            h.update(l.to_bytes(4, "little"))
+            h.update(t.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def max_abs(self) -> float:
+        """Largest ``|element|`` over all layers (bounds what a scale may add)."""
+        return max(float(t.abs().max()) for t in self.directions.values())
+
     # ------------------------------------------------------------ arithmetic
     def _combine(self, other: SteeringVector, sign: float) -> SteeringVector:
         if not isinstance(other, SteeringVector):

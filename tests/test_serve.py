@@ -122,3 +122,43 @@ def test_serve_steers_per_request_and_rejects_bad_steering(server):
     assert codes == [200, 200, 400] * 3
     code, again = complete(base, model)
     assert code == 200 and again["choices"][0]["text"] == plain["choices"][0]["text"]
+
+
+def test_nastiest_requests_get_400_and_the_server_keeps_serving(server, tmp_path):
+    """Through the ``openai`` client: values that once passed validation and then
+    overflowed a tensor write in the engine core (killing every request), keys internal to
+    roast-vllm, and steering with beam search (which vLLM runs without vllm_xargs, so it
+    answered 200 unsteered). Each is refused with 400 naming the key; the engine is alive
+    and steers as before afterwards."""
+    import openai
+
+    base, model = server
+    client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
+
+    def ask(xargs=None, **kw):
+        body = {"vllm_xargs": xargs} if xargs is not None else {}
+        r = client.completions.create(
+            model=model,
+            prompt="Q: What is 12 + 30? A:",
+            max_tokens=8,
+            temperature=0.0,
+            extra_body={**body, **kw},
+        )
+        return r.choices[0].text
+
+    steered = ask({"steer_vector": "rnd", "steer_scale": 6.0})
+    for xargs, extra, key in [
+        ({"steer_vector": "rnd", "steer_scale": 1e39}, {}, "steer_scale"),
+        ({"steer_vector": "rnd", "steer_start": "99999999999999999999"}, {}, "steer_start"),
+        ({"steer_vector": "rnd", "steer_start": 5000}, {}, "steer_start"),  # > max-model-len
+        ({"steer_vector": "rnd", "steer_layers": "Infinity"}, {}, "steer_layers"),
+        ({"roast_capture": "grab"}, {}, "roast_capture"),
+        ({"roast_vector_digest": "0123456789abcdef"}, {}, "roast_vector_digest"),
+        ({"steer_vector": "rnd", "steer_scale": 6.0}, {"use_beam_search": True, "n": 2}, "use_beam_search"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as e:
+            ask(xargs, **extra)
+        assert key in str(e.value), (xargs, str(e.value))
+    # beam search without steering still works, and steering is unchanged
+    assert isinstance(ask(None, use_beam_search=True, n=2), str)
+    assert ask({"steer_vector": "rnd", "steer_scale": 6.0}) == steered

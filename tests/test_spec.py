@@ -69,7 +69,7 @@ def test_check_against_registry():
         check_against(SteerSpec("w"), vecs, 30)
     with pytest.raises(SteeringRequestError, match="out of range.*30 layers"):
         check_against(SteerSpec("v", layers=(31,)), vecs, 30)
-    with pytest.raises(SteeringRequestError, match="no direction for layers \\[5\\]"):
+    with pytest.raises(SteeringRequestError, match="steer_layers \\[5\\]: vector .v. has no direction"):
         check_against(SteerSpec("v", layers=(5,)), vecs, 30)
 
 
@@ -87,18 +87,32 @@ def test_token_range(positions, plen, expected):
 
 
 def test_cache_salt_distinguishes_configs():
-    a = SteerSpec("v", 1.0, None, "all").cache_salt()
-    assert a == SteerSpec("v", 1.0, None, "all").cache_salt()
-    assert a != SteerSpec("v", 2.0, None, "all").cache_salt()
-    assert a != SteerSpec("v", 1.0, (1,), "all").cache_salt()
-    assert a != SteerSpec("v", 1.0, None, "prompt").cache_salt()
-    assert a != SteerSpec("w", 1.0, None, "all").cache_salt()
+    a = SteerSpec("v", 1.0, None, "all").cache_salt(10)
+    assert a == SteerSpec("v", 1.0, None, "all").cache_salt(10)
+    assert a != SteerSpec("v", 2.0, None, "all").cache_salt(10)
+    assert a != SteerSpec("v", 1.0, (1,), "all").cache_salt(10)
+    assert a != SteerSpec("v", 1.0, None, "prompt").cache_salt(10)
+    assert a != SteerSpec("w", 1.0, None, "all").cache_salt(10)
+    # two versions of one name are two configurations
+    assert SteerSpec("v", digest="0" * 16).cache_salt(10) != SteerSpec("v", digest="1" * 16).cache_salt(10)
+
+
+@pytest.mark.parametrize("positions", ["prompt", "generated", "last_prompt_and_generated"])
+def test_cache_salt_carries_the_absolute_steered_range(positions):
+    """Scopes are relative to each request's prompt length: a chat's turn 2 (turn 1's
+    prompt and reply in its prompt) must not share KV blocks with turn 1, which steered
+    other absolute positions. Scope "all" steers the same positions whatever the prompt."""
+    spec = SteerSpec("v", 1.0, None, positions)
+    assert spec.cache_salt(12) != spec.cache_salt(40)
+    assert spec.cache_salt(12) == spec.cache_salt(12)
+    assert SteerSpec("v").cache_salt(12) == SteerSpec("v").cache_salt(40)
+    assert SteerSpec("v", start=5).cache_salt(12) == SteerSpec("v", start=5).cache_salt(40)
 
 
 def test_steer_start_overrides_the_scope():
     s = parse_steer_args({"steer_vector": "v", "steer_start": "7"})
     assert s.start == 7 and s.token_range(20) == (7, 1 << 62)
-    assert s.cache_salt() != parse_steer_args({"steer_vector": "v"}).cache_salt()
+    assert s.cache_salt(20) != parse_steer_args({"steer_vector": "v"}).cache_salt(20)
     for bad in (-1, 1.5, "x", True):
         with pytest.raises(SteeringRequestError, match="steer_start"):
             parse_steer_args({"steer_vector": "v", "steer_start": bad})

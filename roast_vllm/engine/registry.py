@@ -3,29 +3,50 @@
 vLLM calls ``validate_params`` in the process that accepts requests (the ``vllm.LLM``
 process, or the API server), without any config. ``roast_vllm.LLM`` and
 ``register_vector`` fill this registry; a server reads ``ROAST_VLLM_CONFIG``
-(``roast-vllm serve`` sets it).
+(``roast-vllm serve`` sets it). A process with no registry refuses steered requests: it
+could not check them, and the engine must never receive a request it cannot apply.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
-from roast_vllm.engine.spec import SteerSpec, VectorInfo, check_against
+from roast_vllm.engine.spec import SteeringRequestError, SteerSpec, VectorInfo, check_against
 
 _lock = threading.Lock()
 _vectors: dict[str, VectorInfo] = {}
-_num_layers: int | None = None
 _env_loaded = False
 
 
-def set_model(num_layers: int) -> None:
-    global _num_layers
-    _num_layers = num_layers
+@dataclass
+class ModelInfo:
+    num_layers: int | None = None
+    max_model_len: int | None = None
+    dtype: str | None = None
+    allow_capture: bool = False
 
 
-def add(name: str, vector) -> None:
+_model: ModelInfo | None = None
+
+
+def set_model(
+    num_layers: int | None,
+    max_model_len: int | None = None,
+    dtype: str | None = None,
+    allow_capture: bool = False,
+) -> None:
+    global _model
+    _model = ModelInfo(num_layers, max_model_len, None if dtype is None else str(dtype), allow_capture)
+
+
+def add(name: str, vector) -> VectorInfo:
+    info = VectorInfo(
+        tuple(vector.layers), vector.hidden_size, vector.site, vector.digest(), vector.max_abs()
+    )
     with _lock:
-        _vectors[name] = VectorInfo(tuple(vector.layers), vector.hidden_size, vector.site)
+        _vectors[name] = info
+    return info
 
 
 def names() -> list[str]:
@@ -34,9 +55,14 @@ def names() -> list[str]:
 
 
 def known() -> bool:
-    """True if this process has any steering registry (else only syntax is checked)."""
+    """True if this process has a steering registry (a roast engine or server config)."""
     _load_env_once()
-    return bool(_vectors) or _num_layers is not None
+    return _model is not None or bool(_vectors)
+
+
+def capture_allowed() -> bool:
+    _load_env_once()
+    return _model is not None and _model.allow_capture
 
 
 def _load_env_once() -> None:
@@ -50,23 +76,31 @@ def _load_env_once() -> None:
     cfg = RoastConfig.from_env()
     if cfg is None:
         return
-    if cfg.num_layers is not None:
-        set_model(cfg.num_layers)
+    set_model(cfg.num_layers, cfg.max_model_len, cfg.model_dtype, cfg.allow_capture)
     for name, path in cfg.vectors.items():
         add(name, SteeringVector.load(path))
 
 
-def check(spec: SteerSpec) -> None:
+def check(spec: SteerSpec) -> str:
+    """Validate ``spec`` against the registry; returns the digest of the vector version
+    the request is pinned to."""
     if not known():
-        return
+        raise SteeringRequestError(
+            "steer_vector: this process has no roast-vllm registry, so steering cannot be "
+            "checked; create the engine with roast_vllm.LLM(...) or serve with `roast-vllm "
+            "serve` (which sets ROAST_VLLM_CONFIG)"
+        )
     with _lock:
-        check_against(spec, dict(_vectors), _num_layers)
+        vectors = dict(_vectors)
+    m = _model or ModelInfo()
+    check_against(spec, vectors, m.num_layers, m.max_model_len, m.dtype)
+    return vectors[spec.vector].digest
 
 
 def reset() -> None:
     """Forget everything (tests, or a new engine in the same process)."""
-    global _num_layers, _env_loaded
+    global _model, _env_loaded
     with _lock:
         _vectors.clear()
-        _num_layers = None
+        _model = None
         _env_loaded = False

@@ -73,6 +73,9 @@ def install_step_hook(runner: Any, state: SteeringState) -> None:
                 f"roast-vllm: this vLLM's model runner has no {attr!r}; the steering hook was "
                 "written against vLLM 0.32's V1 runner (please report your vLLM version)"
             )
+    # Prompt length of a row when vLLM's batch update gives no prompt token ids (prompt
+    # embeddings): the runner's own per-row count, read after the update's moves.
+    state.prompt_len_of_row = lambda row: int(runner.input_batch.num_prompt_tokens[row])
     if runner.__dict__.get(_HOOKED) is not None:
         runner.__dict__[_HOOKED].state = state
         return

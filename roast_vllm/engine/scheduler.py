@@ -1,10 +1,13 @@
 """``SteeringScheduler``: vLLM's scheduler plus two steering rules.
 
-1. Slot admission: at most ``max_steering_slots`` distinct (vector, scale, layers)
-   configurations run at once. A waiting request whose configuration would exceed that
-   stays in the queue (in order) until a slot frees; it is never run unsteered.
+1. Slot admission: at most ``max_steering_slots`` distinct (vector version, scale,
+   layers) configurations run at once. A waiting request (in either of vLLM's waiting
+   queues) whose configuration would exceed that stays where it is, in order, until a
+   slot frees; it is never run unsteered. Counting ``running`` (a superset of the worker's
+   batch) over-counts at worst, so the worker always finds a free slot.
 2. Prefix-cache salt: a steered request's KV blocks differ from an unsteered one's, so
-   its block hashes are salted with its steering (see ``SteerSpec.cache_salt``).
+   its block hashes are salted with its steering and the absolute positions it steers
+   (see ``SteerSpec.cache_salt``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ def _spec(request):
         try:
             spec = parse_steer_args(request.sampling_params.extra_args if request.sampling_params else None)
         except SteeringRequestError:
-            spec = None  # rejected at submission; cannot happen here
+            spec = None  # rejected at submission; the worker refuses it loudly too
         request._roast_spec = spec
     return spec
 
@@ -42,35 +45,48 @@ class _SteeringMixin:
     def add_request(self, request) -> None:
         spec = _spec(request)
         if spec is not None and request.request_id not in self.requests:
-            salt = spec.cache_salt()
+            salt = spec.cache_salt(request.num_prompt_tokens)
             request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
             request.block_hashes = []
             request.update_block_hashes()
         super().add_request(request)
 
-    def _slot_blocked(self) -> list:
+    def _slot_blocked(self) -> list[tuple]:
+        """``(queue, [requests])`` held back this step, in queue order: vLLM drains
+        ``kv_holding_waiting`` before ``waiting``, so slots go in that order too."""
         active = {s.slot_key for r in self.running if (s := _spec(r)) is not None}
-        blocked = []
-        for r in self.waiting:
-            s = _spec(r)
-            if s is None or s.slot_key in active:
+        out = []
+        for queue in (getattr(self, "kv_holding_waiting", None), self.waiting):
+            if not queue:
                 continue
-            if len(active) < self.max_steering_slots:
-                active.add(s.slot_key)
-            else:
-                blocked.append(r)
-        return blocked
+            blocked = []
+            for r in queue:
+                s = _spec(r)
+                if s is None or s.slot_key in active:
+                    continue
+                if len(active) < self.max_steering_slots:
+                    active.add(s.slot_key)
+                else:
+                    blocked.append(r)
+            if blocked:
+                out.append((queue, blocked))
+        return out
 
     def schedule(self, *args, **kwargs):
-        blocked = self._slot_blocked() if self.waiting else []
-        self.num_slot_blocked = len(blocked)
-        if not blocked:
+        held = self._slot_blocked() if (self.waiting or getattr(self, "kv_holding_waiting", None)) else []
+        self.num_slot_blocked = sum(len(b) for _, b in held)
+        if not held:
             return super().schedule(*args, **kwargs)
-        self.waiting.remove_requests(blocked)
+        for queue, blocked in held:
+            queue.remove_requests(blocked)
         try:
             return super().schedule(*args, **kwargs)
         finally:
-            self.waiting.prepend_requests(blocked)
+            for queue, blocked in held:
+                # vLLM's FCFS prepend_requests extendlefts (reversing its argument);
+                # reversed() puts the held requests back in their own order. Priority
+                # queues re-insert by priority, where order does not matter.
+                queue.prepend_requests(list(reversed(blocked)))
 
 
 class SteeringScheduler(_SteeringMixin, Scheduler):

@@ -8,29 +8,52 @@ str/int/float or lists of them), so parsing accepts strings for numbers and
 key                meaning                                                 default
 =================  ======================================================  ===========
 steer_vector       name of a registered vector                             (required)
-steer_scale        float multiplier                                        1.0
+steer_scale        float multiplier, ``|scale| <= MAX_SCALE``              1.0
 steer_layers       list of layer ints                                      vector's own
 steer_positions    all | prompt | generated | last_prompt_and_generated    all
 steer_start        int: steer absolute positions >= this one (overrides    (unset)
                    steer_positions; for scoring a continuation that is
                    part of the prompt, e.g. ``len(question) - 1``)
 =================  ======================================================  ===========
+
+Keys starting with ``roast_`` are internal: ``roast_vector_digest`` is stamped by the
+front end (which version of the named vector the request steers with; a client's value is
+overwritten), ``roast_capture`` asks for an activation capture and is accepted only by
+engines started with capture on (offline ``roast_vllm.LLM``; servers opt in). Any other
+``roast_*`` or ``steer_*`` key is refused.
+
+Every value is bounded here, so nothing a client sends can overflow a tensor write in the
+engine: ``|steer_scale| <= MAX_SCALE``, layers and positions below ``MAX_INDEX``, names at
+most ``MAX_NAME_LEN`` characters. The model-dependent bounds (layer count, maximum model
+length, largest value the dtype may add) are checked by :func:`check_against`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
 POSITIONS = ("all", "prompt", "generated", "last_prompt_and_generated")
 KEYS = ("steer_vector", "steer_scale", "steer_layers", "steer_positions", "steer_start")
+DIGEST_KEY = "roast_vector_digest"  # stamped by the front end; never taken from a client
+CAPTURE_KEY = "roast_capture"  # capture id of an activation-capture request (opt-in)
+INTERNAL_KEYS = (DIGEST_KEY, CAPTURE_KEY)
+
+#: Largest ``|steer_scale|``. Representable in every float dtype a table is kept in (fp32);
+#: far beyond any useful steering (vectors are O(1) per element).
+MAX_SCALE = 1.0e4
+#: Layers and positions are below this (int32 range: every index tensor can hold them).
+MAX_INDEX = 2**31 - 1
+MAX_NAME_LEN = 256
 _NO_LIMIT = 1 << 62
+_DIGEST_RE = re.compile(r"^[0-9a-f]{16}$")
 
 
 class SteeringRequestError(ValueError):
-    """A request's steer_* arguments are invalid."""
+    """A request's steer_* arguments are invalid (the message names the key)."""
 
 
 @dataclass(frozen=True)
@@ -42,18 +65,25 @@ class SteerSpec:
     layers: tuple[int, ...] | None = None  # None: every layer the vector has
     positions: str = "all"
     start: int | None = None  # steer positions >= start (overrides ``positions``)
+    digest: str | None = None  # the vector version (front-end stamp); None: the current one
 
     @property
     def slot_key(self) -> tuple:
         """What fills a row of the steering table; requests that share it share a slot.
+        The digest, not the name: two versions of one name are two configurations.
         Position scope is per request (a row property), so it is not part of the key."""
-        return (self.vector, self.scale, self.layers)
+        return (self.digest or self.vector, self.scale, self.layers)
 
-    def cache_salt(self) -> str:
+    def cache_salt(self, prompt_len: int) -> str:
         """Prefix-cache salt: KV computed under this steering must only be reused by
-        requests with the same steering (see README, "Prefix caching")."""
+        requests with the same steering *of the same absolute positions* (scopes are
+        relative to the prompt length, and vLLM caches full blocks of generated tokens
+        too: a chat's turn 2 holds turn 1's reply in its prompt). See README, "Prefix
+        caching"."""
+        lo, hi = self.token_range(prompt_len)
         return "roast:" + json.dumps(
-            [self.vector, repr(self.scale), self.layers, self.positions, self.start], separators=(",", ":")
+            [self.digest or self.vector, repr(self.scale), self.layers, lo, None if hi >= _NO_LIMIT else hi],
+            separators=(",", ":"),
         )
 
     def token_range(self, prompt_len: int) -> tuple[int, int]:
@@ -70,15 +100,41 @@ class SteerSpec:
 
 
 def _as_float(key: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise SteeringRequestError(f"{key} must be a number, got {v!r:.80}")
     try:
         f = float(v)
-    except (TypeError, ValueError):
-        raise SteeringRequestError(f"{key} must be a number, got {v!r}") from None
-    if isinstance(v, bool):
-        raise SteeringRequestError(f"{key} must be a number, got {v!r}")
+    except (TypeError, ValueError, OverflowError):
+        raise SteeringRequestError(f"{key} must be a number, got {v!r:.80}") from None
     if not math.isfinite(f):
-        raise SteeringRequestError(f"{key} must be finite, got {v!r}")
+        raise SteeringRequestError(f"{key} must be finite, got {v!r:.80}")
+    if abs(f) > MAX_SCALE:
+        raise SteeringRequestError(f"{key}={f:g} is out of range: |{key}| must be <= {MAX_SCALE:g}")
     return f
+
+
+def _as_index(key: str, v: Any, what: str) -> int:
+    """A non-negative int below ``MAX_INDEX`` from an int, an integral float or a numeric
+    string; anything else (bool, inf, 1e400, "99999999999999999999") is refused."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise SteeringRequestError(f"{key} {what} must be non-negative ints, got {v!r:.80}")
+    try:
+        if isinstance(v, str):
+            v = v.strip()
+            i = int(v) if len(v) <= 12 else MAX_INDEX + 1  # no 10k-digit int parsing
+        elif isinstance(v, float):
+            if not math.isfinite(v) or v != int(v):
+                raise ValueError
+            i = int(v)
+        else:
+            i = v
+    except (TypeError, ValueError, OverflowError):
+        raise SteeringRequestError(f"{key} {what} must be non-negative ints, got {v!r:.80}") from None
+    if i < 0:
+        raise SteeringRequestError(f"{key} {what} must be >= 0, got {i}")
+    if i >= MAX_INDEX:
+        raise SteeringRequestError(f"{key} {what} must be < {MAX_INDEX}, got {v!r:.80}")
+    return i
 
 
 def _as_layers(v: Any) -> tuple[int, ...]:
@@ -87,33 +143,29 @@ def _as_layers(v: Any) -> tuple[int, ...]:
     elif isinstance(v, (list, tuple)):
         parts = list(v)
     else:
-        raise SteeringRequestError(f"steer_layers must be a list of layer indices (or '3,4,5'), got {v!r}")
-    out = []
-    for p in parts:
-        if isinstance(p, bool):
-            raise SteeringRequestError(f"steer_layers entries must be ints, got {p!r}")
-        try:
-            i = int(p)
-        except (TypeError, ValueError):
-            raise SteeringRequestError(f"steer_layers entries must be ints, got {p!r}") from None
-        if isinstance(p, float) and p != i:
-            raise SteeringRequestError(f"steer_layers entries must be ints, got {p!r}")
-        if i < 0:
-            raise SteeringRequestError(f"steer_layers entries must be >= 0, got {i}")
-        out.append(i)
+        raise SteeringRequestError(
+            f"steer_layers must be a list of layer indices (or '3,4,5'), got {v!r:.80}"
+        )
+    if len(parts) > 4096:
+        raise SteeringRequestError(f"steer_layers has {len(parts)} entries; a model has far fewer layers")
+    out = {_as_index("steer_layers", p, "entries") for p in parts}
     if not out:
         raise SteeringRequestError("steer_layers is empty; omit it to steer every layer of the vector")
-    return tuple(sorted(set(out)))
+    return tuple(sorted(out))
 
 
-def parse_steer_args(extra_args: dict[str, Any] | None) -> SteerSpec | None:
+def parse_steer_args(extra_args: Any) -> SteerSpec | None:
     """Return the request's ``SteerSpec`` or ``None`` when it has no steer keys.
 
-    Raises ``SteeringRequestError`` with what is wrong and how to fix it.
+    Total: any value (of any type) gives a ``SteerSpec`` with bounded fields, ``None``, or
+    a ``SteeringRequestError`` whose message names the offending key and says how to fix
+    it. Internal ``roast_*`` keys are checked by :func:`check_internal_keys`.
     """
     if not extra_args:
         return None
-    present = {k: v for k, v in extra_args.items() if k.startswith("steer_")}
+    if not isinstance(extra_args, dict):
+        raise SteeringRequestError(f"extra_args must be a dict, got {type(extra_args).__name__}")
+    present = {k: v for k, v in extra_args.items() if isinstance(k, str) and k.startswith("steer_")}
     if not present:
         return None
     unknown = sorted(set(present) - set(KEYS))
@@ -124,25 +176,49 @@ def parse_steer_args(extra_args: dict[str, Any] | None) -> SteerSpec | None:
         raise SteeringRequestError(
             f"steering keys {sorted(present)} given without steer_vector; name a registered vector"
         )
-    if not isinstance(name, str) or not name:
-        raise SteeringRequestError(f"steer_vector must be a vector name (str), got {name!r}")
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME_LEN:
+        raise SteeringRequestError(
+            f"steer_vector must be a vector name (str of 1..{MAX_NAME_LEN} chars), got {name!r:.80}"
+        )
     scale = _as_float("steer_scale", present.get("steer_scale", 1.0))
     layers = _as_layers(present["steer_layers"]) if "steer_layers" in present else None
     positions = present.get("steer_positions", "all")
-    if positions not in POSITIONS:
-        raise SteeringRequestError(f"steer_positions={positions!r} is not one of {list(POSITIONS)}")
+    if not isinstance(positions, str) or positions not in POSITIONS:
+        raise SteeringRequestError(f"steer_positions={positions!r:.80} is not one of {list(POSITIONS)}")
     start = None
     if "steer_start" in present:
-        v = present["steer_start"]
-        try:
-            start = int(v)
-        except (TypeError, ValueError):
-            raise SteeringRequestError(f"steer_start must be a non-negative int, got {v!r}") from None
-        if isinstance(v, bool) or (isinstance(v, float) and v != start) or start < 0:
-            raise SteeringRequestError(f"steer_start must be a non-negative int, got {v!r}")
+        start = _as_index("steer_start", present["steer_start"], "(a position)")
         if "steer_positions" in present:
             raise SteeringRequestError("give steer_positions or steer_start, not both")
-    return SteerSpec(vector=name, scale=scale, layers=layers, positions=positions, start=start)
+    digest = extra_args.get(DIGEST_KEY)
+    if digest is not None and not (isinstance(digest, str) and _DIGEST_RE.match(digest)):
+        raise SteeringRequestError(f"{DIGEST_KEY} is set by roast-vllm's front end; do not send it")
+    return SteerSpec(vector=name, scale=scale, layers=layers, positions=positions, start=start, digest=digest)
+
+
+def check_internal_keys(extra_args: Any, *, capture_allowed: bool) -> None:
+    """Refuse ``roast_*`` keys a client may not set (the message names the key)."""
+    if not isinstance(extra_args, dict):
+        return
+    for k, v in extra_args.items():
+        if not (isinstance(k, str) and k.startswith("roast_")):
+            continue
+        if k == DIGEST_KEY:
+            if "steer_vector" not in extra_args:
+                raise SteeringRequestError(f"{DIGEST_KEY} is set by roast-vllm's front end; do not send it")
+        elif k == CAPTURE_KEY:
+            if not capture_allowed:
+                raise SteeringRequestError(
+                    f"{CAPTURE_KEY} (activation capture) is off on this engine; start it with the "
+                    "roast config's allow_capture=True to use it"
+                )
+            if not isinstance(v, str) or not v or len(v) > MAX_NAME_LEN:
+                raise SteeringRequestError(
+                    f"{CAPTURE_KEY} must be a non-empty string id of at most {MAX_NAME_LEN} chars, "
+                    f"got {v!r:.80}"
+                )
+        else:
+            raise SteeringRequestError(f"unknown internal key {k!r}; roast_* keys are reserved")
 
 
 @dataclass(frozen=True)
@@ -152,10 +228,30 @@ class VectorInfo:
     layers: tuple[int, ...]
     dim: int
     site: str
+    digest: str = ""
+    max_abs: float = 0.0  # largest |element| over all layers
 
 
-def check_against(spec: SteerSpec, vectors: dict[str, VectorInfo], num_layers: int | None) -> None:
-    """Check a spec against the registered vectors (name known, layers in range)."""
+#: Largest value steering may add to one activation, ``|scale| * max|v|``, by model dtype:
+#: fp16 saturates at 65504 (a residual stream with +4096 still adds and normalizes
+#: without overflow); other dtypes are bounded where steering stops meaning anything.
+MAX_DELTA = {"float16": 4096.0}
+MAX_DELTA_DEFAULT = 1.0e6
+
+
+def max_delta(dtype: str | None) -> float:
+    return MAX_DELTA.get(str(dtype or "").replace("torch.", ""), MAX_DELTA_DEFAULT)
+
+
+def check_against(
+    spec: SteerSpec,
+    vectors: dict[str, VectorInfo],
+    num_layers: int | None,
+    max_model_len: int | None = None,
+    dtype: str | None = None,
+) -> None:
+    """Check a spec against the registered vectors (name known, layers in range and
+    present in the vector, start below the model's maximum length, bounded delta)."""
     info = vectors.get(spec.vector)
     if info is None:
         known = sorted(vectors) or "none registered yet"
@@ -175,6 +271,18 @@ def check_against(spec: SteerSpec, vectors: dict[str, VectorInfo], num_layers: i
         missing = [l for l in spec.layers if l not in info.layers]
         if missing:
             raise SteeringRequestError(
-                f"vector {spec.vector!r} has no direction for layers {missing}; "
+                f"steer_layers {missing}: vector {spec.vector!r} has no direction there; "
                 f"it has layers {list(info.layers)}"
             )
+    if spec.start is not None and max_model_len is not None and spec.start >= max_model_len:
+        raise SteeringRequestError(
+            f"steer_start={spec.start} is beyond the model's maximum length {max_model_len}: "
+            "nothing would be steered"
+        )
+    limit = max_delta(dtype)
+    if abs(spec.scale) * info.max_abs > limit:
+        raise SteeringRequestError(
+            f"steer_scale={spec.scale:g} too large for vector {spec.vector!r}: it would add "
+            f"{abs(spec.scale) * info.max_abs:.3g} to an activation (largest |element| "
+            f"{info.max_abs:.3g}); the limit for this model's dtype is {limit:g}"
+        )

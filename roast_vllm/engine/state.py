@@ -31,20 +31,33 @@ slot is 0 are left untouched, bit for bit.
 stays and one fused op adds ``scale[s] * mlp_table[l, s] * up[t]`` to steered tokens
 only (``roast_vllm.kernels.steer_mlp_act``); unsteered tokens are not touched.
 
-Activation capture (eager engines only): a request with ``extra_args["roast_capture"] =
-id`` records, at its last prompt token, the residual stream after every capture layer
-and the ``mlp_act`` activation, kept here until ``pop_captures`` takes them.
+Activation capture (eager engines only, opt-in with the roast config's ``allow_capture``):
+a request with ``extra_args["roast_capture"] = id`` records, at its last prompt token, the
+residual stream after every capture layer and the ``mlp_act`` activation, kept here until
+``pop_captures`` takes them (at most ``max_capture_bytes``; the oldest are dropped).
+
+Vectors are versioned by content digest: re-registering a name adds a version; a request
+steers with the version the front end stamped on it at submission, so a running,
+preempted or queued request never switches vector mid-generation.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from roast_vllm.engine.spec import SteerSpec
+from roast_vllm.engine.spec import (
+    CAPTURE_KEY,
+    MAX_SCALE,
+    SteeringRequestError,
+    SteerSpec,
+    parse_steer_args,
+)
 from roast_vllm.kernels.steer_apply import steer_apply
 from roast_vllm.kernels.steer_mlp_act import steer_mlp_act
 from roast_vllm.vector import SteeringVector, SteeringVectorError
@@ -71,6 +84,34 @@ class _Slot:
     refs: int = 0
 
 
+@dataclass
+class _Row:
+    """What occupies one persistent-batch row (only rows that steer or capture)."""
+
+    slot: int = 0  # 0: not steered
+    lo: int = 0
+    hi: int = 0
+    capture: tuple[str, int] | None = None  # (capture id, absolute position to record)
+
+
+@dataclass
+class _Pending:
+    """A row added by this batch update, resolved once its final row is known."""
+
+    spec: SteerSpec | None
+    prompt_len: int | None  # None: not given (prompt embeddings): read from the runner
+    capture: str | None
+
+
+class SlotsExhausted(RuntimeError):
+    """No free steering slot (the scheduler's admission rule should make this unreachable)."""
+
+
+#: Old versions of re-registered vectors kept for requests submitted before the change
+#: (pinned by digest); beyond this many, the oldest ones no slot uses are dropped.
+MAX_RETIRED_VERSIONS = 64
+
+
 class SteeringState(nn.Module):
     def __init__(
         self,
@@ -84,6 +125,8 @@ class SteeringState(nn.Module):
         mlp_size: int = 0,
         mlp_shard: tuple[int, int] = (0, 1),
         compiled: bool = False,
+        allow_capture: bool = True,
+        max_capture_bytes: int = 1 << 30,
     ) -> None:
         super().__init__()
         self.num_layers = num_layers
@@ -129,28 +172,48 @@ class SteeringState(nn.Module):
         self.step_steered = False
         #: Steps prepared so far (tests check that the runner hook runs every step).
         self.num_steps_prepared = 0
+        #: ``row -> prompt length`` from the model runner (set by the runner hook); used
+        #: when vLLM gives no prompt token ids (prompt embeddings).
+        self.prompt_len_of_row: Callable[[int], int] | None = None
 
-        self.vectors: dict[str, SteeringVector] = {}
+        # Vectors by version: ``names`` maps a name to its current digest; requests are
+        # pinned to the digest the front end stamped at submission.
+        self.versions: dict[str, SteeringVector] = {}
+        self.names: dict[str, str] = {}
+        self._retired: dict[str, None] = {}  # insertion-ordered: oldest first
         self._slots: dict[tuple, _Slot] = {}
         self._slot_by_index: dict[int, _Slot] = {}
         self._free = list(range(max_slots, 0, -1))  # pop() gives 1, 2, ...
         self._used_indices: set[int] = set()
         #: Acquisitions that reused a previously released slot index (observability).
         self.num_slot_reuses = 0
-        self._row_spec: dict[int, int] = {}  # row -> slot index
+        #: Rows that could not be steered as asked (unreachable when the front end and the
+        #: scheduler did their part; each one is logged as an error).
+        self.num_rows_refused = 0
+        self._rows: dict[int, _Row] = {}
 
-        # capture: row -> (capture id, absolute position to record)
+        # capture: opt-in, bounded
+        self.allow_capture = allow_capture
+        self.max_capture_bytes = max_capture_bytes
+        self.num_captures_dropped = 0
         self.capture_layers: tuple[int, ...] = tuple(range(num_layers))
         self.capture_sites: tuple[str, ...] = ("residual", "mlp_act") if mlp_size else ("residual",)
-        self._capture_rows: dict[int, tuple[str, int]] = {}
         self._cap_index: torch.Tensor | None = None  # token indices of this step's captures
         self._cap_ids: list[str] = []
         self._cap_step: dict[str, dict[str, list[torch.Tensor | None]]] = {}
         self._cap_layer_pos: dict[int, int] = {}
         self.captures: dict[str, dict[str, torch.Tensor]] = {}
+        self._capture_bytes = 0
 
     # ------------------------------------------------------------ vectors
-    def register_vector(self, name: str, vector: SteeringVector) -> None:
+    @property
+    def vectors(self) -> dict[str, SteeringVector]:
+        """The current vector of each name."""
+        return {n: self.versions[d] for n, d in self.names.items()}
+
+    def register_vector(self, name: str, vector: SteeringVector) -> str:
+        """Make ``vector`` the current version of ``name``; returns its digest. Requests
+        pinned to an older version keep it (slots are keyed by digest)."""
         if vector.site == "mlp_act":
             if not self.mlp_size:
                 raise SteeringVectorError(
@@ -160,16 +223,24 @@ class SteeringState(nn.Module):
             vector.validate_for(self.num_layers, self.mlp_size)
         else:
             vector.validate_for(self.num_layers, self.hidden_size)
-        self.vectors[name] = vector
-        # Slots built from the old vector keep serving the requests that hold them;
-        # unreferenced ones are dropped so later requests rebuild from the new vector.
-        for key, slot in list(self._slots.items()):
-            if key[0] == name:
-                del self._slots[key]
-                if slot.refs == 0:
-                    self._release_index(slot)
-                else:
-                    slot.key = ("<replaced>",) + key
+        digest = vector.digest()
+        old = self.names.get(name)
+        self.versions[digest] = vector
+        self.names[name] = digest
+        self._retired.pop(digest, None)
+        if old is not None and old != digest and old not in self.names.values():
+            self._retired[old] = None
+            self._evict_retired()
+        return digest
+
+    def _evict_retired(self) -> None:
+        in_use = {slot.key[0] for slot in self._slots.values()}
+        for d in list(self._retired):
+            if len(self._retired) <= MAX_RETIRED_VERSIONS:
+                break
+            if d not in in_use:
+                del self._retired[d]
+                self.versions.pop(d, None)
 
     def _release_index(self, slot: _Slot) -> None:
         self._slot_by_index.pop(slot.index, None)
@@ -183,21 +254,30 @@ class SteeringState(nn.Module):
 
     # -------------------------------------------------------------- slots
     def acquire(self, spec: SteerSpec) -> int:
-        key = spec.slot_key
+        """The slot index for ``spec`` (shared with every row of the same configuration).
+        Raises ``SteeringVectorError`` if the spec does not fit its vector and
+        ``SlotsExhausted`` if no slot is free; writes nothing in either case."""
+        digest = spec.digest or self.names.get(spec.vector)
+        vec = self.versions.get(digest) if digest is not None else None
+        if vec is None:
+            raise SteeringVectorError(
+                f"unknown steering vector {spec.vector!r}"
+                + (f" (version {spec.digest})" if spec.digest else "")
+            )
+        layers = spec.layers if spec.layers is not None else tuple(vec.layers)
+        missing = [l for l in layers if l not in vec.directions]
+        if missing:
+            raise SteeringVectorError(f"vector {spec.vector!r} has no direction for layers {missing}")
+        if not (math.isfinite(spec.scale) and abs(spec.scale) <= MAX_SCALE):
+            raise SteeringVectorError(f"steer_scale {spec.scale!r} out of range (|scale| <= {MAX_SCALE:g})")
+        key = (digest, spec.scale, spec.layers)
         slot = self._slots.get(key)
         if slot is None:
-            vec = self.vectors.get(spec.vector)
-            if vec is None:
-                raise SteeringVectorError(f"unknown steering vector {spec.vector!r}")
             if not self._free:
-                raise RuntimeError(
-                    f"roast-vllm: all {self.max_slots} steering slots are in use; the "
-                    "scheduler should have held this request back (please report)"
-                )
+                raise SlotsExhausted(f"all {self.max_slots} steering slots are in use")
             index = self._free.pop()
             self.num_slot_reuses += index in self._used_indices
             self._used_indices.add(index)
-            layers = spec.layers if spec.layers is not None else tuple(vec.layers)
             mlp = vec.site == "mlp_act"
             width = self.mlp_table.shape[-1] if mlp else self.hidden_size
             rows = torch.zeros(self.num_layers, width, dtype=torch.float32)
@@ -224,74 +304,121 @@ class SteeringState(nn.Module):
             if self._slots.get(slot.key) is slot:
                 del self._slots[slot.key]
             self._release_index(slot)
+            self._evict_retired()
 
     def active_slots(self) -> int:
         return len(self._slot_by_index)
 
     # --------------------------------------------------------------- rows
-    def set_row(self, row: int, spec: SteerSpec | None, prompt_len: int) -> None:
-        self.clear_row(row)
-        if spec is None:
-            return
-        try:
-            index = self.acquire(spec)
-        except SteeringVectorError:
-            # Unreachable when the front end validated the request; never crash the
-            # engine for it, and say so loudly.
-            logger.error(
-                "roast-vllm: request in row %d names an unknown vector %r; it runs UNSTEERED",
-                row,
-                spec.vector,
-            )
-            return
-        lo, hi = spec.token_range(prompt_len)
-        self._row_spec[row] = index
-        self.row_slot_cpu[row] = index
-        self.row_lo_cpu[row] = lo
-        self.row_hi_cpu[row] = hi
-        self.num_steered_rows += 1
+    def apply_batch_update(self, removed, added, moved) -> None:
+        """Apply one vLLM ``BatchUpdate`` (``removed`` rows, ``added`` ``(row, params,
+        prompt_ids, output_ids)``, ``moved`` ``(src, dst, MoveDirectionality)``).
+
+        Runs in the engine core's per-step path, so it is total: a request that cannot be
+        steered as asked (unreachable after front-end validation and slot admission) runs
+        unsteered with an error in the log and ``num_rows_refused`` counted; nothing
+        raises. The update is applied as one transition: vLLM's ``condense()`` refills a
+        finished request's row with a *move* (the row never appears in ``removed``), and
+        rows added this step are listed before those moves, so every row's old occupant
+        is released before any new occupant acquires a slot."""
+        from vllm.v1.sample.logits_processor import MoveDirectionality
+
+        entries: list[tuple[int, SteerSpec | None, int | None, str | None]] = []
+        for row, params, prompt_ids, _out in added:
+            extra = getattr(params, "extra_args", None) if params is not None else None
+            try:
+                spec = parse_steer_args(extra)
+            except SteeringRequestError as e:
+                logger.error("roast-vllm: row %d: %s; it runs UNSTEERED", row, e)
+                self.num_rows_refused += 1
+                spec = None
+            cap = extra.get(CAPTURE_KEY) if isinstance(extra, dict) else None
+            n = len(prompt_ids) if prompt_ids is not None else None
+            entries.append((row, spec, n, cap if isinstance(cap, str) and cap else None))
+        self._apply(removed, entries, [(a, b, kind == MoveDirectionality.SWAP) for a, b, kind in moved])
+
+    def _apply(self, removed, added, moved) -> None:
+        occ: dict[int, _Row | _Pending] = dict(self._rows)
+        for row in removed:
+            occ.pop(row, None)
+        for row, spec, n, cap in added:
+            if spec is None and cap is None:
+                occ.pop(row, None)
+            else:
+                occ[row] = _Pending(spec, n, cap)
+        for src, dst, swap in moved:
+            a, b = occ.pop(src, None), occ.pop(dst, None)
+            if a is not None:
+                occ[dst] = a
+            if swap and b is not None:
+                occ[src] = b
+        # release every old occupant that is gone, before anything acquires
+        alive = {id(e) for e in occ.values()}
+        for old in self._rows.values():
+            if id(old) not in alive and old.slot:
+                self.release(old.slot)
+        rows: dict[int, _Row] = {}
+        for row, e in occ.items():
+            if isinstance(e, _Row):
+                rows[row] = e
+                continue
+            if not 0 <= row < self.max_num_seqs:
+                logger.error("roast-vllm: batch row %d outside 0..%d; ignored", row, self.max_num_seqs - 1)
+                continue
+            n = e.prompt_len
+            if n is None:
+                n = self.prompt_len_of_row(row) if self.prompt_len_of_row is not None else 0
+            r = _Row()
+            if e.capture is not None:
+                if self.allow_capture:
+                    r.capture = (e.capture, max(n - 1, 0))
+                else:
+                    logger.error("roast-vllm: capture %r refused: capture is off on this engine", e.capture)
+            if e.spec is not None:
+                try:
+                    r.slot = self.acquire(e.spec)
+                    r.lo, r.hi = e.spec.token_range(n)
+                except (SteeringVectorError, SlotsExhausted) as err:
+                    logger.error(
+                        "roast-vllm: request in row %d cannot be steered (%s); it runs UNSTEERED",
+                        row,
+                        err,
+                    )
+                    self.num_rows_refused += 1
+            if r.slot or r.capture is not None:
+                rows[row] = r
+        self._rows = rows
+        self.row_slot_cpu.zero_()
+        for row, r in rows.items():
+            self.row_slot_cpu[row] = r.slot
+            self.row_lo_cpu[row] = r.lo
+            self.row_hi_cpu[row] = r.hi
+        self.num_steered_rows = sum(1 for r in rows.values() if r.slot)
         self._rows_dirty = True
+        self.sync_rows()
+
+    # The one-row forms (tests, and callers outside a batch update).
+    def set_row(self, row: int, spec: SteerSpec | None, prompt_len: int | None) -> None:
+        self._apply([], [(row, spec, prompt_len, None)], [])
 
     def set_capture(self, row: int, capture_id: str | None, prompt_len: int) -> None:
         """Record the activations of ``row``'s last prompt token under ``capture_id``."""
-        self._capture_rows.pop(row, None)
-        if capture_id is not None:
-            self._capture_rows[row] = (capture_id, prompt_len - 1)
+        r = self._rows.get(row)
+        if r is None:
+            if capture_id is None:
+                return
+            r = self._rows[row] = _Row()
+        r.capture = (capture_id, prompt_len - 1) if capture_id is not None else None
 
     def clear_row(self, row: int) -> None:
-        self._capture_rows.pop(row, None)
-        index = self._row_spec.pop(row, None)
-        if index is None:
-            return
-        self.release(index)
-        self.row_slot_cpu[row] = 0
-        self.num_steered_rows -= 1
-        self._rows_dirty = True
+        self._apply([row], [], [])
 
     def move_row(self, src: int, dst: int, swap: bool) -> None:
-        ca, cb = self._capture_rows.pop(src, None), self._capture_rows.pop(dst, None)
-        if ca is not None:
-            self._capture_rows[dst] = ca
-        if swap and cb is not None:
-            self._capture_rows[src] = cb
-        a, b = self._row_spec.pop(src, None), self._row_spec.pop(dst, None)
-        if swap:
-            if a is not None:
-                self._row_spec[dst] = a
-            if b is not None:
-                self._row_spec[src] = b
-            for t in (self.row_slot_cpu, self.row_lo_cpu, self.row_hi_cpu):
-                t[src], t[dst] = t[dst].clone(), t[src].clone()
-        else:
-            if b is not None:  # dst's occupant is replaced
-                self.release(b)
-                self.num_steered_rows -= 1
-            if a is not None:
-                self._row_spec[dst] = a
-            for t in (self.row_slot_cpu, self.row_lo_cpu, self.row_hi_cpu):
-                t[dst] = t[src]
-            self.row_slot_cpu[src] = 0
-        self._rows_dirty = True
+        self._apply([], [], [(src, dst, swap)])
+
+    @property
+    def _capture_rows(self) -> dict[int, tuple[str, int]]:
+        return {row: r.capture for row, r in self._rows.items() if r.capture is not None}
 
     def sync_rows(self) -> None:
         if self._rows_dirty:
@@ -389,28 +516,37 @@ class SteeringState(nn.Module):
         for i, cid in enumerate(self._cap_ids):
             self._cap_step[cid][site][k] = rows[i].cpu()
 
+    def _drop_capture(self, row: int) -> None:
+        r = self._rows.get(row)
+        if r is not None:
+            r.capture = None
+            if not r.slot:
+                del self._rows[row]
+
     def _prepare_capture(self, req_indices: torch.Tensor, positions: torch.Tensor, n: int) -> None:
         self._finish_capture_step()
-        if not self._capture_rows:
+        pending = self._capture_rows
+        if not pending:
             return
         if self.compiled:
             logger.error(
                 "roast-vllm: activation capture needs an eager engine (enforce_eager=True); "
                 "%d capture request(s) get no activations",
-                len(self._capture_rows),
+                len(pending),
             )
-            self._capture_rows.clear()
+            for row in pending:
+                self._drop_capture(row)
             return
         rows = req_indices[:n].tolist()
         pos = positions[:n].tolist()
-        want = {(row, at): cid for row, (cid, at) in self._capture_rows.items()}
+        want = {(row, at): cid for row, (cid, at) in pending.items()}
         idx, ids = [], []
         for t, key in enumerate(zip(rows, pos)):
             cid = want.get(key)
             if cid is not None:
                 idx.append(t)
                 ids.append(cid)
-                del self._capture_rows[key[0]]
+                self._drop_capture(key[0])
         if idx:
             self._cap_index = torch.tensor(idx, device=positions.device)
             self._cap_ids = ids
@@ -419,13 +555,35 @@ class SteeringState(nn.Module):
             self._cap_step = {cid: {s: [None] * nl for s in self.capture_sites} for cid in ids}
 
     def _finish_capture_step(self) -> None:
-        """Move last step's per-layer rows into ``captures`` (``[len(layers), dim]``)."""
+        """Move last step's per-layer rows into ``captures`` (``[len(layers), dim]``),
+        dropping the oldest held captures beyond ``max_capture_bytes``."""
         if self._cap_index is None:
             return
         for cid, sites in self._cap_step.items():
-            self.captures[cid] = {s: torch.stack(rows) for s, rows in sites.items() if None not in rows}
+            old = self.captures.pop(cid, None)
+            if old is not None:
+                self._capture_bytes -= _nbytes(old)
+            cap = {s: torch.stack(rows) for s, rows in sites.items() if None not in rows}
+            self.captures[cid] = cap
+            self._capture_bytes += _nbytes(cap)
         self._cap_index, self._cap_ids, self._cap_step = None, [], {}
+        while self._capture_bytes > self.max_capture_bytes and len(self.captures) > 1:
+            cid = next(iter(self.captures))
+            self._capture_bytes -= _nbytes(self.captures.pop(cid))
+            self.num_captures_dropped += 1
+            logger.error(
+                "roast-vllm: capture %r dropped: captures held exceed %d MiB (pop them with the "
+                "capture RPC, or raise max_capture_mib)",
+                cid,
+                self.max_capture_bytes >> 20,
+            )
 
     def pop_captures(self, ids: list[str]) -> dict[str, dict[str, torch.Tensor]]:
         self._finish_capture_step()
-        return {cid: self.captures.pop(cid) for cid in ids if cid in self.captures}
+        out = {cid: self.captures.pop(cid) for cid in ids if cid in self.captures}
+        self._capture_bytes -= sum(_nbytes(c) for c in out.values())
+        return out
+
+
+def _nbytes(cap: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in cap.values())

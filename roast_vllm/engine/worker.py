@@ -20,8 +20,8 @@ class SteeringWorkerExtension:
     def roast_register_vector(self, name: str, payload: bytes) -> dict:
         state = _state()
         vec = SteeringVector.from_bytes(payload, source=f"vector {name!r}")
-        state.register_vector(name, vec)
-        return {"name": name, "layers": vec.layers}
+        digest = state.register_vector(name, vec)
+        return {"name": name, "layers": vec.layers, "digest": digest}
 
     def roast_set_capture(self, layers: list[int], sites: list[str]) -> None:
         state = _state()
@@ -56,4 +56,8 @@ class SteeringWorkerExtension:
             "compiled": state.compiled,
             "steps_prepared": state.num_steps_prepared,
             "slot_reuses": state.num_slot_reuses,
+            "rows_refused": state.num_rows_refused,
+            "versions": len(state.versions),
+            "captures_held": len(state.captures),
+            "captures_dropped": state.num_captures_dropped,
         }

@@ -84,6 +84,8 @@ def _attach_steering(self, vllm_config) -> None:
         mlp_size=mlp_size,
         mlp_shard=(get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()),
         compiled=compiled,
+        allow_capture=cfg.allow_capture,
+        max_capture_bytes=cfg.max_capture_mib << 20,
     )
     self.roast_state = state
     inner = self.model

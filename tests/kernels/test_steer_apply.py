@@ -87,3 +87,36 @@ def test_validation():
         steer_apply_triton(h, table[:, :32], slot, scale)
     with pytest.raises(ValueError, match="slot must be"):
         steer_apply_triton(h, table, slot[:2], scale)
+
+
+_PAST_INT32 = """
+import torch
+from roast_vllm.kernels.steer_apply import steer_apply_ref, steer_apply_triton
+
+# three rows 1.5 * 2^30 elements apart (a strided view of one 6 GiB bf16 buffer whose pages
+# are mostly never touched): row 2 starts past 2^31 elements while the row stride itself
+# still fits int32, so int32 row offsets wrap (and Triton does not widen them for us)
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+H, S = 64, 3 * 2**29
+h = torch.empty(2 * S + H, dtype=torch.bfloat16, device=dev).as_strided((3, H), (S, 1))
+for i in range(3):
+    h[i].fill_(float(i))
+g = torch.Generator().manual_seed(0)
+table = torch.randn(2, H, generator=g).to(dev)
+slot = torch.tensor([1, 1, 1], device=dev)
+scale = torch.tensor([0.0, 1.0], device=dev)
+want = steer_apply_ref(h.clone(), table, slot, scale)
+steer_apply_triton(h, table, slot, scale)
+# within one bf16 ulp of the reference (the interpreter truncates where CUDA rounds)
+err = (h.float() - want.float()).abs() - want.float().abs() * 2**-7
+print("excess", float(err.max()))
+"""
+
+
+def test_row_offsets_past_int32():
+    """Tokens x hidden >= 2^31 (e.g. 420k tokens at H = 5120): int32 offsets wrapped to a
+    wild address (a segfault in the interpreter, an illegal access on CUDA)."""
+    from conftest import run_isolated
+
+    out = run_isolated(_PAST_INT32)
+    assert float(out.split("excess")[1]) <= 1e-6, out

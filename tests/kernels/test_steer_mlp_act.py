@@ -181,3 +181,34 @@ def test_validation():
         steer_mlp_act_triton(act, up, torch.randn(64, S).t(), slot, scale)
     empty = torch.empty(0, 64)
     assert steer_mlp_act_triton(empty, empty, table, slot[:0], scale) is empty
+
+
+_PAST_INT32 = """
+import torch
+from roast_vllm.kernels.steer_mlp_act import steer_mlp_act_ref, steer_mlp_act_triton
+
+# act rows 1.5 * 2^30 elements apart (see test_steer_apply.py): row 2 starts past 2^31
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+I, S = 64, 3 * 2**29
+act = torch.empty(2 * S + I, dtype=torch.bfloat16, device=dev).as_strided((3, I), (S, 1))
+for i in range(3):
+    act[i].fill_(float(i))
+up = torch.full((3, I), 0.5, dtype=torch.bfloat16, device=dev)
+g = torch.Generator().manual_seed(0)
+table = torch.randn(2, I, generator=g).to(dev)
+slot = torch.tensor([1, 1, 1], device=dev)
+scale = torch.tensor([0.0, 1.0], device=dev)
+want = steer_mlp_act_ref(act.clone(), up, table, slot, scale)
+steer_mlp_act_triton(act, up, table, slot, scale)
+# within one bf16 ulp of the reference (the interpreter truncates where CUDA rounds)
+err = (act.float() - want.float()).abs() - want.float().abs() * 2**-7
+print("excess", float(err.max()))
+"""
+
+
+def test_row_offsets_past_int32():
+    """Tokens x I >= 2^31 (77k tokens at I = 27648): offsets are int64."""
+    from conftest import run_isolated
+
+    out = run_isolated(_PAST_INT32)
+    assert float(out.split("excess")[1]) <= 1e-6, out
