@@ -4,8 +4,9 @@ vector re-registered in the middle of it.
 
 Every request that is not aborted finishes; each greedy output equals its own solo run
 (token for token up to the solo run's first near tie, as everywhere in this suite: vLLM's
-CPU kernels are not batch-invariant); the engine still answers; and afterwards every
-steering slot is free and no row was ever refused.
+CPU kernels are not batch-invariant); plain requests are bit-identical to the same load
+run with vectors that add zeros; the engine still answers; and afterwards every steering
+slot is free and no row was ever refused.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 from conftest import ENGINE_DEFAULTS, assert_greedy_match, shutdown
 from conftest import PROMPTS as BASE_PROMPTS
 from vllm import SamplingParams
@@ -41,6 +43,11 @@ CONFIGS = [
 def llm(model_dir):
     import roast_vllm
 
+    # The engine core in this process: each LLMEngine.step() is exactly one engine step,
+    # so a load (its aborts and its mid-load registration included) replays step for step
+    # (a separate engine-core process runs ahead of the client on its own clock).
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     engine = roast_vllm.LLM(
         model_dir,
         max_steering_slots=SLOTS,
@@ -56,15 +63,21 @@ def llm(model_dir):
             disable_log_stats=False,
         ),
     )
-    for i in range(4):
-        roast_vllm.register_vector(engine, f"v{i}", SteeringVector.random(L, H, seed=100 + i))
     yield engine
     shutdown(engine)
+    mp.undo()
+    from roast_vllm.engine.state import set_state
+
+    set_state(None)  # the in-process engine's steering state is this process's
 
 
 def params(cfg, max_tokens):
+    # ignore_eos: lengths depend on max_tokens only, so a run of the same load with other
+    # vectors schedules, preempts and aborts exactly the same way
     extra = dict(cfg) if cfg else None
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=2, extra_args=extra)
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=0.0, logprobs=2, extra_args=extra, ignore_eos=True
+    )
 
 
 def _preemptions(llm) -> float:
@@ -74,23 +87,30 @@ def _preemptions(llm) -> float:
     raise AssertionError("vLLM reported no vllm:num_preemptions metric")
 
 
-def test_stress_load_with_aborts_preemption_and_re_registration(llm):
+def _zero(skip: int) -> SteeringVector:
+    """Steers nothing (adds exact zeros); the missing layer only makes its digest, and so
+    its slot, distinct from the other zero vectors'."""
+    return SteeringVector(directions={l: torch.zeros(H) for l in range(L) if l != skip})
+
+
+def _run_load(llm, vectors: dict[str, SteeringVector], v0_later: SteeringVector):
+    """26 requests over 7 configurations and 3 slots, driven step by step through the
+    engine: one random abort every 40 steps, ``v0`` re-registered at step 12 (8 more
+    requests follow). Returns (jobs, finished outputs, aborted ids)."""
     import roast_vllm
 
+    for name, v in vectors.items():
+        roast_vllm.register_vector(llm, name, v)
+    llm.reset_prefix_cache()  # nothing running: every run starts from the same cache
     rng = random.Random(0)
     engine = llm.llm_engine
-    v0_old = SteeringVector.random(L, H, seed=100)
-    v0_new = SteeringVector.random(L, H, seed=999)
     jobs: dict[str, tuple] = {}  # id -> (prompt, cfg, max_tokens, v0 version)
     version = "old"
-    n = 0
 
     def submit(k: int) -> None:
-        nonlocal n
         for _ in range(k):
             cfg = CONFIGS[rng.randrange(len(CONFIGS))]
-            rid = f"q{n}"
-            n += 1
+            rid = f"q{len(jobs)}"
             jobs[rid] = (rng.choice(PROMPTS), cfg, rng.randint(12, 48), version)
             engine.add_request(rid, jobs[rid][0], params(cfg, jobs[rid][2]))
 
@@ -98,7 +118,6 @@ def test_stress_load_with_aborts_preemption_and_re_registration(llm):
     done: dict[str, object] = {}
     aborted: set[str] = set()
     step = 0
-    preempt_before = _preemptions(llm)
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
@@ -111,22 +130,53 @@ def test_stress_load_with_aborts_preemption_and_re_registration(llm):
                 engine.abort_request([rid])
                 aborted.add(rid)
         if step == 12:  # a vector re-registered under load; later requests get the new one
-            roast_vllm.register_vector(llm, "v0", v0_new)
+            roast_vllm.register_vector(llm, "v0", v0_later)
             version = "new"
             submit(8)
         assert step < 5000, "the load does not drain"
-    assert _preemptions(llm) > preempt_before, "the load must preempt requests for this test to bite"
-    finished = {rid for rid in done if rid not in aborted}
-    assert finished | aborted == set(jobs) and len(finished) >= 16, (len(finished), len(aborted))
-    # the engine still answers; the workers learn of the last finished requests with this
-    # next step (vLLM sends finished ids with the next schedule), so slots are free after it
+    return jobs, {r: o for r, o in done.items() if r not in aborted}, aborted
+
+
+def _slots_free(llm) -> None:
+    # the workers learn of the last finished requests with the next step (vLLM sends
+    # finished ids with the next schedule): the engine still answers, and after that
+    # step every slot is free and no row was ever refused
     assert llm.generate(PROMPTS[:1], params(None, 4), use_tqdm=False)[0].outputs[0].token_ids
     info = llm.collective_rpc("roast_info")[0]
     assert info["active_slots"] == 0 and info["rows_refused"] == 0, info
 
-    # solo runs: each request alone, on the v0 version it was submitted under
-    roast_vllm.register_vector(llm, "v0_old", v0_old)
-    ids = sorted(finished, key=lambda r: int(r[1:]))
+
+def _trace(out) -> list:
+    """Token ids with their top-2 log-probs: equal traces mean bit-equal top logits."""
+    o = out.outputs[0]
+    return [(t, sorted((k, v.logprob) for k, v in lp.items())) for t, lp in zip(o.token_ids, o.logprobs)]
+
+
+def test_stress_load_with_aborts_preemption_and_re_registration(llm):
+    import roast_vllm
+
+    vecs = {f"v{i}": SteeringVector.random(L, H, seed=100 + i) for i in range(4)}
+    v0_new = SteeringVector.random(L, H, seed=999)
+    before = _preemptions(llm)
+    jobs, done, aborted = _run_load(llm, vecs, v0_new)
+    assert _preemptions(llm) > before, "the load must preempt requests for this test to bite"
+    assert set(done) | aborted == set(jobs) and len(done) >= 16, (len(done), len(aborted))
+    _slots_free(llm)
+
+    # plain rows are untouched by their steered neighbours, bit for bit: the same load with
+    # vectors that add exact zeros (same configurations, so the same slot waits, batches,
+    # preemptions and aborts) gives the plain requests identical tokens and log-probs
+    zeros = {f"v{i}": _zero(skip=29 - i) for i in range(4)}
+    jobs_z, done_z, aborted_z = _run_load(llm, zeros, _zero(skip=24))
+    assert jobs_z == jobs and aborted_z == aborted
+    plain = [r for r in done if jobs[r][1] is None]
+    assert plain and all(_trace(done[r]) == _trace(done_z[r]) for r in plain)
+    _slots_free(llm)
+
+    # each request alone, on the v0 version it was submitted under
+    for name, v in {**vecs, "v0_old": vecs["v0"], "v0": v0_new}.items():
+        roast_vllm.register_vector(llm, name, v)
+    ids = sorted(done, key=lambda r: int(r[1:]))
     solo = []
     for rid in ids:
         prompt, cfg, max_tokens, ver = jobs[rid]
@@ -134,15 +184,13 @@ def test_stress_load_with_aborts_preemption_and_re_registration(llm):
             cfg = {**cfg, "steer_vector": "v0_old"}
         solo.append(llm.generate([prompt], params(cfg, max_tokens), use_tqdm=False)[0])
     assert_greedy_match(solo, [list(done[rid].outputs[0].token_ids) for rid in ids], min_coverage=0.6)
-    # steering reached the loaded requests: a steered solo run differs from the plain one
-    plain = {p: llm.generate([p], params(None, 48), use_tqdm=False)[0] for p in PROMPTS}
+    # steering reached the loaded requests: a fully steered solo run differs from plain
+    base = {p: llm.generate([p], params(None, 48), use_tqdm=False)[0] for p in PROMPTS}
     differ = [
         list(s.outputs[0].token_ids)
-        != list(plain[jobs[rid][0]].outputs[0].token_ids)[: len(s.outputs[0].token_ids)]
+        != list(base[jobs[rid][0]].outputs[0].token_ids)[: len(s.outputs[0].token_ids)]
         for rid, s in zip(ids, solo)
         if jobs[rid][1] and not set(jobs[rid][1]) & {"steer_positions", "steer_start", "steer_layers"}
     ]
     assert differ and all(differ)
-    llm.generate(PROMPTS[:1], params(None, 4), use_tqdm=False)
-    info = llm.collective_rpc("roast_info")[0]
-    assert info["active_slots"] == 0 and info["rows_refused"] == 0, info
+    _slots_free(llm)

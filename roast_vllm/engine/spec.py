@@ -256,7 +256,7 @@ def check_against(
     if info is None:
         known = sorted(vectors) or "none registered yet"
         raise SteeringRequestError(
-            f"unknown steering vector {spec.vector!r}; registered: {known}. "
+            f"steer_vector: unknown steering vector {spec.vector!r}; registered: {known}. "
             "Register it with roast_vllm.register_vector(llm, name, vector) or list it in "
             "the server's roast config"
         )
