@@ -90,11 +90,12 @@ def check(spec: SteerSpec) -> str:
             "checked; create the engine with roast_vllm.LLM(...) or serve with `roast-vllm "
             "serve` (which sets ROAST_VLLM_CONFIG)"
         )
-    with _lock:
-        vectors = dict(_vectors)
     m = _model or ModelInfo()
-    check_against(spec, vectors, m.num_layers, m.max_model_len, m.dtype)
-    return vectors[spec.vector].digest
+    # under the lock, without copying: per-request cost is independent of how many vectors
+    # are registered (Fusion Steering registers one per prompt)
+    with _lock:
+        check_against(spec, _vectors, m.num_layers, m.max_model_len, m.dtype)
+        return _vectors[spec.vector].digest
 
 
 def reset() -> None:
