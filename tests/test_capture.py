@@ -194,5 +194,5 @@ def test_sample_job_steered_and_unverified(llm, tmp_path):
     assert a[0]["response"] != a[1]["response"]  # distinct samples of one prompt
     assert sum(x["response"] != y["response"] for x, y in zip(a, s)) >= 3
     assert all(
-        r["correct"] is None and r["completion_tokens"] == 12 or r["finish_reason"] == "stop" for r in s
+        r["correct"] is None and (r["completion_tokens"] == 12 or r["finish_reason"] == "stop") for r in s
     )

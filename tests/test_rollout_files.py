@@ -1,6 +1,9 @@
 """Rollout checkpoint files without an engine: manifest checks, formats, seeds."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -52,7 +55,11 @@ def test_bad_settings_and_files_say_what_is_wrong(tmp_path):
 
 
 def test_sample_seeds_depend_only_on_seed_question_and_index():
-    assert sample_seed(42, "q1", 0) == sample_seed(42, "q1", 0)
+    # the same in another interpreter with another hash seed (another worker, another run)
+    code = "from roast_vllm.jobs import sample_seed; print(sample_seed(42, 'q1', 0))"
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert int(other.stdout.split()[-1]) == sample_seed(42, "q1", 0)
     seeds = {sample_seed(42, f"q{i}", j) for i in range(50) for j in range(8)}
     assert len(seeds) == 400
     assert sample_seed(43, "q1", 0) != sample_seed(42, "q1", 0)
