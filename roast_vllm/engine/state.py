@@ -191,6 +191,9 @@ class SteeringState(nn.Module):
         #: scheduler did their part; each one is logged as an error).
         self.num_rows_refused = 0
         self._rows: dict[int, _Row] = {}
+        #: Some row waits for a capture: derived from ``_rows`` where captures change (batch
+        #: updates, capture steps), so steps without captures skip the scan of ``_rows``.
+        self._captures_pending = False
 
         # capture: opt-in, bounded
         self.allow_capture = allow_capture
@@ -234,6 +237,8 @@ class SteeringState(nn.Module):
         return digest
 
     def _evict_retired(self) -> None:
+        if len(self._retired) <= MAX_RETIRED_VERSIONS:
+            return  # the common case: nothing to scan (this runs on every slot release)
         in_use = {slot.key[0] for slot in self._slots.values()}
         for d in list(self._retired):
             if len(self._retired) <= MAX_RETIRED_VERSIONS:
@@ -394,6 +399,7 @@ class SteeringState(nn.Module):
             self.row_lo_cpu[row] = r.lo
             self.row_hi_cpu[row] = r.hi
         self.num_steered_rows = sum(1 for r in rows.values() if r.slot)
+        self._captures_pending = any(r.capture is not None for r in rows.values())
         self._rows_dirty = True
         self.sync_rows()
 
@@ -409,6 +415,7 @@ class SteeringState(nn.Module):
                 return
             r = self._rows[row] = _Row()
         r.capture = (capture_id, prompt_len - 1) if capture_id is not None else None
+        self._captures_pending = bool(self._capture_rows)
 
     def clear_row(self, row: int) -> None:
         self._apply([row], [], [])
@@ -525,9 +532,9 @@ class SteeringState(nn.Module):
 
     def _prepare_capture(self, req_indices: torch.Tensor, positions: torch.Tensor, n: int) -> None:
         self._finish_capture_step()
-        pending = self._capture_rows
-        if not pending:
+        if not self._captures_pending:
             return
+        pending = self._capture_rows
         if self.compiled:
             logger.error(
                 "roast-vllm: activation capture needs an eager engine (enforce_eager=True); "
@@ -536,6 +543,7 @@ class SteeringState(nn.Module):
             )
             for row in pending:
                 self._drop_capture(row)
+            self._captures_pending = False
             return
         rows = req_indices[:n].tolist()
         pos = positions[:n].tolist()
@@ -547,6 +555,7 @@ class SteeringState(nn.Module):
                 idx.append(t)
                 ids.append(cid)
                 self._drop_capture(key[0])
+        self._captures_pending = len(idx) < len(pending)
         if idx:
             self._cap_index = torch.tensor(idx, device=positions.device)
             self._cap_ids = ids
