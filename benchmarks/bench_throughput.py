@@ -1,82 +1,118 @@
-"""Steered vs unsteered vLLM throughput, in one engine and one run.
+"""Steering engine vs stock vLLM throughput, paired by repeat (``roast_vllm.throughput``).
 
-Conditions (same prompts, greedy, ``ignore_eos`` so every run makes the same number of
-tokens): unsteered; every layer steered with one shared vector; every layer steered with
-K distinct per-request vectors (K = 1, 16, 64 by default). Prints tokens/s and the ratio
-to unsteered, writes CSV, JSON and a PNG plot.
+Each repeat starts stock vLLM and the steering engine one at a time (alternating which
+goes first) with the same vLLM arguments and prompts; every engine warms up on each of its
+conditions once, then times each once. Reported: per condition the median of the paired
+ratios ``tokens/s / stock tokens/s`` of each repeat, and their min-max. Conditions: nothing
+steered; all layers steered with K = 1, 64, 256 distinct per-request vectors, at the
+residual and the ``mlp_act`` site. Writes CSV, JSON (every run) and a PNG plot.
 
-    python benchmarks/bench_throughput.py                  # compile mode (vLLM default)
-    python benchmarks/bench_throughput.py --eager --num-prompts 16 --max-tokens 32
+    python benchmarks/bench_throughput.py                 # compile mode (vLLM default)
+    python benchmarks/bench_throughput.py --eager         # -> throughput_eager.*
+    python benchmarks/bench_throughput.py --dtype bfloat16 -tp 2   # any vLLM engine argument
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
-import time
+import sys
 from pathlib import Path
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="local HF model folder (default: embedded SmolLM2)")
-    p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64])
+    p.add_argument("--num-prompts", type=int, default=256, help="requests per run (>= the largest K)")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=[1, 64, 256])
+    p.add_argument("--sites", type=lambda s: s.split(","), default=["residual", "mlp_act"])
     p.add_argument("--scale", type=float, default=4.0)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3, help="engine pairs (>= 3)")
     p.add_argument("--eager", action="store_true", help="enforce_eager (default: vLLM's compile mode)")
     p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--out", type=Path, default=Path("results/throughput"))
+    p.add_argument(
+        "--summarize",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="no engines: recompute the table and plot from the runs in a results JSON",
+    )
     from roast_vllm import engine_args
 
     engine_args.add_engine_args(p)  # any vLLM engine argument: --dtype, -tp, --gpu-memory-utilization ...
     args = engine_args.parse_args(p, argv)
+    if args.summarize is not None:
+        return resummarize(args.summarize)
+    if max(args.ks) > args.num_prompts:
+        p.error(f"K={max(args.ks)} distinct vectors need --num-prompts >= {max(args.ks)}")
+    # our progress lines, not five engines' INFO logs
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
     import torch
 
-    import roast_vllm
+    from roast_vllm.engine_args import default_dtype
     from roast_vllm.model_prep import default_model
-    from roast_vllm.throughput import (
-        build_prompts,
-        measure,
-        print_table,
-        register_random_vectors,
-        write_results,
-    )
+    from roast_vllm.throughput import BenchConfig, measure_paired, print_table, write_results
 
     model = args.model or default_model()
     kwargs = dict(
         gpu_memory_utilization=0.3,
         max_model_len=args.max_model_len,
-        max_steering_slots=max(args.ks + [1]),
+        max_num_seqs=args.max_num_seqs,
         seed=0,
     )
+    if default_dtype() is not None:  # the dtype roast_vllm.LLM would pick; stock gets the same
+        kwargs["dtype"] = default_dtype()
     if args.eager:
         kwargs["enforce_eager"] = True
     kwargs.update(args.engine_kwargs)
-    t0 = time.perf_counter()
-    llm = roast_vllm.LLM(model, **kwargs)
-    start_s = time.perf_counter() - t0
-    names = register_random_vectors(llm, max(args.ks + [1]))
-    rows = measure(
-        llm, build_prompts(args.num_prompts), args.ks, names, args.max_tokens, args.scale, args.repeats
+    cfg = BenchConfig(
+        model=model,
+        engine_kwargs=kwargs,
+        num_prompts=args.num_prompts,
+        max_tokens=args.max_tokens,
+        ks=args.ks,
+        sites=args.sites,
+        scale=args.scale,
+        repeats=args.repeats,
     )
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows, runs = measure_paired(cfg)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    mode = "eager" if args.eager else "compile"
     meta = {
         "model": model,
-        "mode": "eager" if args.eager else "compile",
+        "mode": mode,
+        "engine_kwargs": {k: str(v) for k, v in kwargs.items()},
         "num_prompts": args.num_prompts,
         "max_tokens": args.max_tokens,
         "repeats": args.repeats,
-        "engine_start_s": round(start_s, 1),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {device}",
-        "device": device,
-        "command": "python benchmarks/bench_throughput.py " + " ".join(argv or __import__("sys").argv[1:]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads",
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "device_name": device,
+        "command": "python benchmarks/bench_throughput.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    write_results(rows, meta, args.out)
+    stem = "throughput" if mode == "compile" else "throughput_eager"
+    write_results(rows, runs, meta, args.out, stem)
     print_table(rows, meta)
-    print(f"wrote {args.out}/throughput.csv, .json, .png")
+    print(f"wrote {args.out}/{stem}.csv, .json, .png")
+
+
+def resummarize(path: Path) -> None:
+    """Rewrite ``<stem>.{csv,json,png}`` beside ``path`` from the runs it holds."""
+    import json
+
+    from roast_vllm.throughput import STOCK, print_table, summarize, write_results
+
+    data = json.loads(path.read_text())
+    conditions = [STOCK] + [c for c in data["runs"][0]["tokens_per_s"] if c != STOCK]
+    rows = summarize(data["runs"], conditions)
+    write_results(rows, data["runs"], data["meta"], path.parent, path.stem)
+    print_table(rows, data["meta"])
 
 
 if __name__ == "__main__":

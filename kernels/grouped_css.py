@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from roast_vllm.kernels.dispatch import use_triton
 
 MODES = ("max_norm", "l2", "softmax", "none")
 _MODE_ID = {m: i for i, m in enumerate(MODES)}
@@ -222,20 +223,10 @@ def grouped_css_triton(
     return out
 
 
-def _use_triton(t: torch.Tensor) -> bool:
-    if not t.is_cuda:
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def grouped_css(
     D: torch.Tensor, w: torch.Tensor, g: torch.Tensor, mode: str = "max_norm", grouped: bool = True
 ) -> torch.Tensor:
     """ROAST vector ``[L, H]`` (fp32) from pair differences: Triton on CUDA, torch elsewhere."""
-    if _use_triton(D):
+    if use_triton(D):
         return grouped_css_triton(D, w, g, mode, grouped)
     return grouped_css_ref(D, w, g, mode, grouped)

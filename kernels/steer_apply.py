@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from roast_vllm.kernels.dispatch import use_triton
 
 _EPS = 1e-12
 
@@ -123,7 +124,7 @@ def steer_apply(
     energy_preserving: bool = False,
 ) -> torch.Tensor:
     """In-place per-token steering add: Triton on CUDA, torch elsewhere. Returns ``h``."""
-    if h.is_cuda:
+    if use_triton(h):
         return torch.ops.roast_vllm.steer_apply(h, table, slot, scale, energy_preserving) or h
     return steer_apply_ref(h, table, slot, scale, energy_preserving)
 
@@ -137,7 +138,7 @@ def register_custom_op() -> None:
     def _op(
         h: torch.Tensor, table: torch.Tensor, slot: torch.Tensor, scale: torch.Tensor, energy_preserving: bool
     ) -> None:
-        if h.is_cuda:
+        if use_triton(h):
             steer_apply_triton(h, table, slot, scale, energy_preserving)
         else:
             steer_apply_ref(h, table, slot, scale, energy_preserving)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from roast_vllm.kernels.dispatch import use_triton
 
 # Columns per program. The intermediate width I reaches 27648 (and TP shards of it), far
 # past what one program should hold in registers, so the grid tiles I instead of using
@@ -142,7 +143,7 @@ def steer_mlp_act(
 ) -> torch.Tensor:
     """In-place ``act += scale[slot] * table[slot] * up`` on steered rows: Triton on CUDA,
     torch elsewhere. Returns ``act``."""
-    if act.is_cuda:
+    if use_triton(act):
         return torch.ops.roast_vllm.steer_mlp_act(act, up, table, slot, scale) or act
     return steer_mlp_act_ref(act, up, table, slot, scale)
 
@@ -156,7 +157,7 @@ def register_custom_op() -> None:
     def _op(
         act: torch.Tensor, up: torch.Tensor, table: torch.Tensor, slot: torch.Tensor, scale: torch.Tensor
     ) -> None:
-        if act.is_cuda:
+        if use_triton(act):
             steer_mlp_act_triton(act, up, table, slot, scale)
         else:
             steer_mlp_act_ref(act, up, table, slot, scale)

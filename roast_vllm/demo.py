@@ -4,8 +4,9 @@
 2. ROAST rollouts on part ``a`` of TruthfulQA (Ray, 2 workers) -> ``roast-vllm rollout``;
 3. ROAST and CAA vectors from the same pairs -> ``roast-vllm estimate``;
 4. baseline vs ROAST vs CAA on the disjoint part ``b`` -> ``roast-vllm eval``;
-5. a CAA "happy minus sad" vector from two prompt files, shown side by side, and
-   steered vs unsteered throughput in one engine (the ROAST vector and K distinct vectors).
+5. a CAA "happy minus sad" vector from two prompt files, shown side by side.
+
+Throughput against stock vLLM is ``make bench`` (``benchmarks/bench_throughput.py``).
 
 Each step prints the command that does it by hand. Everything lands in ``demo_out/``.
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import time
 from pathlib import Path
@@ -44,8 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--layers", default="6-20")
     p.add_argument("--compile", action="store_true", help="vLLM compile mode (slower start, ~3 min here)")
-    p.add_argument("--num-prompts", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--data-dir", type=Path, default=SHARED, help="folder with truthfulqa_dev.csv")
     p.add_argument("--questions", type=int, default=120, help="TruthfulQA rows used (split a / b)")
     p.add_argument("--roast-scales", default="0,2,4", help="eval sweep for the ROAST vector")
@@ -82,7 +80,7 @@ def main(argv=None) -> None:
 
     roast_vec = roast_loop(args, model, cli)
 
-    print("\n== 5/5 CAA vector (happy - sad), side by side, and throughput", flush=True)
+    print("\n== 5/5 CAA vector (happy - sad), side by side", flush=True)
     vec_path = args.out / "happy.safetensors"
     cli(
         [
@@ -102,7 +100,6 @@ def main(argv=None) -> None:
         ]
     )
 
-    import torch
     from vllm import SamplingParams
 
     import roast_vllm
@@ -140,44 +137,12 @@ def main(argv=None) -> None:
             print(f"  [{k}] {v[:200]!r}")
     (args.out / "outputs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
-    print("\n-- throughput: steered vs unsteered in the same engine", flush=True)
-    from roast_vllm.throughput import (
-        build_prompts,
-        measure,
-        print_table,
-        register_random_vectors,
-        write_results,
-    )
+    from roast_vllm.llm import shutdown
 
-    names = register_random_vectors(llm, 16)
-    roast_cond = {"ROAST vector (mlp_act), all layers": {"steer_vector": "roast", "steer_scale": 1.0}}
-    rows = measure(
-        llm,
-        build_prompts(args.num_prompts),
-        [16],
-        names,
-        args.max_tokens,
-        repeats=2,
-        extra_conditions=roast_cond,
-    )
-    meta = {
-        "model": model,
-        "mode": "compile" if args.compile else "eager",
-        "num_prompts": args.num_prompts,
-        "max_tokens": args.max_tokens,
-        "repeats": 2,
-        "device": "cpu",
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-    }
-    write_results(rows, meta, args.out)
-    print_table(rows, meta)
-    print(
-        "(a short eager run: on this busy 2-core machine single runs vary by +-15%; the README's "
-        "compile-mode table comes from `make bench`, 5 interleaved repeats)"
-    )
+    shutdown(llm)
     print(
         f"\ndemo done in {time.perf_counter() - t_all:.0f} s; outputs in {args.out}/ "
-        "(for the full compile-mode benchmark: make bench)"
+        "(throughput against stock vLLM: make bench)"
     )
 
 

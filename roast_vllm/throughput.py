@@ -1,14 +1,29 @@
-"""Steered-vs-unsteered throughput measurement, shared by ``benchmarks/bench_throughput.py``
-and the demo. Every condition runs the same prompts, greedy, with ``ignore_eos`` so each
-run generates the same number of tokens; conditions are interleaved across repeats so
-drift on a shared machine hits them alike (forward, then reversed order)."""
+"""Throughput of the steering engine against stock vLLM, paired by repeat
+(``benchmarks/bench_throughput.py``).
+
+Each repeat starts **stock vLLM** (the plugin installed but not enabled: vLLM's own model
+class, no tracker, no scheduler subclass) and the **steering engine** (``roast_vllm.LLM``)
+one at a time, in alternating order, with the same vLLM arguments, prompts and greedy
+``ignore_eos`` requests (every run makes the same number of tokens). After start each
+engine warms up on every one of its conditions once (short runs, untimed), then times
+each condition once. A condition's ratio in repeat ``r`` is its tokens/s over stock's
+tokens/s in the same repeat; rows report the median of those paired ratios and their
+min-max.
+
+Conditions on the steering engine: nothing steered (the price of having steering
+available), and every layer steered with K distinct per-request vectors for each K, at
+each site (``residual``, ``mlp_act``): request ``i`` uses vector ``i mod K``.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
+import os
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 TOPICS = [
@@ -26,128 +41,245 @@ TOPICS = [
     "the Roman empire",
 ]
 
+STOCK = "stock vLLM"
+NOTHING = "nothing steered"
+
 
 def build_prompts(n: int) -> list[str]:
     return [f"Write a short essay about {TOPICS[i % len(TOPICS)]} (essay {i})." for i in range(n)]
 
 
-def register_random_vectors(llm, n: int, prefix: str = "bench") -> list[str]:
-    """Register ``n`` distinct unit-norm random all-layer vectors; return their names."""
-    from tqdm import tqdm
-
-    import roast_vllm
-    from roast_vllm import SteeringVector
-
-    L, H = llm.roast_dims["num_layers"], llm.roast_dims["hidden_size"]
-    names = [f"{prefix}{i}" for i in range(n)]
-    for i, name in enumerate(tqdm(names, desc="registering vectors")):
-        roast_vllm.register_vector(llm, name, SteeringVector.random(L, H, seed=1000 + i))
-    return names
+def condition_name(k: int, site: str) -> str:
+    return f"K={k} {site}, all layers"
 
 
-def measure(
-    llm,
-    prompts: list[str],
-    ks: list[int],
-    names: list[str],
-    max_tokens: int,
-    scale: float = 4.0,
-    repeats: int = 3,
-    extra_conditions: dict[str, dict] | None = None,
-) -> list[dict]:
-    """Rows ``{condition, tokens_per_s, ratio, runs}``: unsteered, one shared vector on
-    every layer, and K distinct per-request vectors on every layer for each K in ``ks``;
-    plus ``{name: steer_* args}`` of ``extra_conditions`` (every request steered alike)."""
-    from tqdm import tqdm
+@dataclass
+class BenchConfig:
+    """One paired stock-vs-steering throughput benchmark."""
+
+    model: str
+    #: vLLM arguments given to both engines alike (dtype, max_model_len, max_num_seqs, ...)
+    engine_kwargs: dict
+    #: requests per run; K distinct vectors are all in flight only when ``num_prompts >= K``
+    num_prompts: int = 256
+    #: generated tokens per request (``ignore_eos``)
+    max_tokens: int = 32
+    #: distinct per-request vectors of the steered conditions
+    ks: list[int] = field(default_factory=lambda: [1, 64, 256])
+    #: steering sites of the steered conditions
+    sites: list[str] = field(default_factory=lambda: ["residual", "mlp_act"])
+    scale: float = 4.0
+    #: engine pairs started (each repeat gives one paired ratio per condition)
+    repeats: int = 3
+    #: generated tokens per request in the warm-up runs (every condition once)
+    warmup_tokens: int = 4
+
+    def conditions(self) -> list[str]:
+        return [NOTHING] + [condition_name(k, s) for s in self.sites for k in self.ks]
+
+
+def _params(max_tokens: int, extra: dict | None):
     from vllm import SamplingParams
 
-    def params(extra):
-        return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, extra_args=extra)
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, extra_args=extra)
 
-    conditions = [
-        ("unsteered", [params(None)] * len(prompts)),
-        (
-            "shared vector, all layers",
-            [params({"steer_vector": names[0], "steer_scale": scale})] * len(prompts),
-        ),
-    ]
-    for k in ks:
-        if k > len(names):
-            raise ValueError(f"K={k} needs {k} registered vectors, got {len(names)}")
-        conditions.append(
-            (
-                f"K={k} distinct vectors, all layers",
-                [params({"steer_vector": names[i % k], "steer_scale": scale}) for i in range(len(prompts))],
-            )
+
+def _timed(llm, prompts: list[str], params: list) -> float:
+    """Tokens/s of one run (prefix cache cleared first: every run prefills alike)."""
+    llm.reset_prefix_cache()
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    dt = time.perf_counter() - t
+    return sum(len(o.outputs[0].token_ids) for o in outs) / dt
+
+
+def run_stock(cfg: BenchConfig, prompts: list[str], env_runner: str | None) -> dict[str, float]:
+    """Start stock vLLM, warm up, time one run, shut down; ``{STOCK: tokens/s}``."""
+    import vllm
+
+    from roast_vllm.llm import shutdown
+
+    # stock runs on vLLM's own default model runner (the steering engine pins V1)
+    if env_runner is None:
+        os.environ.pop("VLLM_USE_V2_MODEL_RUNNER", None)
+    else:
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = env_runner
+    llm = vllm.LLM(model=cfg.model, **cfg.engine_kwargs)
+    try:
+        llm.generate(prompts, _params(cfg.warmup_tokens, None), use_tqdm=False)
+        return {STOCK: _timed(llm, prompts, [_params(cfg.max_tokens, None)] * len(prompts))}
+    finally:
+        shutdown(llm)
+
+
+def _steer_params(cfg: BenchConfig, cond: str, names: dict[str, list[str]], max_tokens: int) -> list:
+    """Request ``i`` of a K-vector condition steers with vector ``i mod K`` of its site."""
+    n = cfg.num_prompts
+    if cond == NOTHING:
+        return [_params(max_tokens, None)] * n
+    for site in cfg.sites:
+        for k in cfg.ks:
+            if cond == condition_name(k, site):
+                extra = [{"steer_vector": names[site][i % k], "steer_scale": cfg.scale} for i in range(n)]
+                return [_params(max_tokens, e) for e in extra]
+    raise ValueError(f"unknown condition {cond!r}")
+
+
+def run_steering(cfg: BenchConfig, prompts: list[str], order_rev: bool) -> dict[str, float]:
+    """Start the steering engine, register ``max(ks)`` random vectors per site, warm up on
+    every condition, time each once (order reversed when ``order_rev``), shut down."""
+    import roast_vllm
+    from roast_vllm import SteeringVector
+    from roast_vllm.llm import shutdown
+
+    kmax = max(cfg.ks)
+    llm = roast_vllm.LLM(
+        cfg.model,
+        max_steering_slots=kmax,
+        mlp_act_site=True,  # the engine users get by default: both sites' ops in every layer
+        allow_capture=False,
+        **cfg.engine_kwargs,
+    )
+    try:
+        L = llm.roast_dims["num_layers"]
+        dims = {"residual": llm.roast_dims["hidden_size"], "mlp_act": llm.roast_dims["intermediate_size"]}
+        names: dict[str, list[str]] = {}
+        for site in cfg.sites:
+            names[site] = []
+            for i in range(kmax):
+                name = f"bench_{site}_{i}"
+                v = SteeringVector.random(L, dims[site], seed=1000 + i, site=site)
+                roast_vllm.register_vector(llm, name, v)
+                names[site].append(name)
+        conds = cfg.conditions()
+        for cond in conds:  # warm-up: every condition once
+            llm.generate(prompts, _steer_params(cfg, cond, names, cfg.warmup_tokens), use_tqdm=False)
+        out = {}
+        for cond in conds[::-1] if order_rev else conds:
+            out[cond] = _timed(llm, prompts, _steer_params(cfg, cond, names, cfg.max_tokens))
+        return out
+    finally:
+        shutdown(llm)
+
+
+def measure_paired(cfg: BenchConfig) -> tuple[list[dict], list[dict]]:
+    """Run ``cfg.repeats`` engine pairs; returns ``(rows, runs)``: one row per condition
+    (stock first) with the median paired ratio and its min-max, and every run's tokens/s."""
+    from tqdm import tqdm
+
+    prompts = build_prompts(cfg.num_prompts)
+    env_runner = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
+    runs: list[dict] = []
+    for rep in tqdm(range(cfg.repeats), desc="engine pairs (stock, steering)"):
+        # alternate which engine goes first, so slow drift does not favour one of them
+        first_stock = rep % 2 == 0
+        res: dict[str, float] = {}
+        for which in ("stock", "steering") if first_stock else ("steering", "stock"):
+            if which == "stock":
+                res.update(run_stock(cfg, prompts, env_runner))
+            else:
+                res.update(run_steering(cfg, prompts, order_rev=rep % 2 == 1))
+        runs.append({"repeat": rep, "stock_first": first_stock, "tokens_per_s": res})
+        tqdm.write(
+            f"repeat {rep + 1}: stock {res[STOCK]:.1f} tok/s; "
+            + ", ".join(f"{c}: {res[c] / res[STOCK]:.3f}" for c in cfg.conditions())
         )
-    for name, extra in (extra_conditions or {}).items():
-        conditions.append((name, [params(extra)] * len(prompts)))
-    llm.generate(prompts[: min(8, len(prompts))], params(None), use_tqdm=False)  # warm-up
-    timings: dict[str, list[float]] = {name: [] for name, _ in conditions}
-    for rep in range(repeats):
-        # alternate the order so slow drift (thermal, neighbours) does not favour a condition
-        order = conditions if rep % 2 == 0 else conditions[::-1]
-        for name, sps in tqdm(order, desc=f"throughput, repeat {rep + 1}/{repeats}"):
-            llm.reset_prefix_cache()
-            t = time.perf_counter()
-            outs = llm.generate(prompts, sps, use_tqdm=False)
-            dt = time.perf_counter() - t
-            timings[name].append(sum(len(o.outputs[0].token_ids) for o in outs) / dt)
-    base = statistics.median(timings["unsteered"])
-    return [
-        {
-            "condition": name,
-            "tokens_per_s": round(statistics.median(timings[name]), 2),
-            "ratio": round(statistics.median(timings[name]) / base, 4),
-            "runs": len(timings[name]),
-            "all_tokens_per_s": [round(x, 2) for x in timings[name]],
-        }
-        for name, _ in conditions
-    ]
+    return summarize(runs, [STOCK] + cfg.conditions()), runs
 
 
-def write_results(rows: list[dict], meta: dict, out: Path) -> None:
-    """``throughput.csv``, ``throughput.json`` and ``throughput.png`` in ``out``."""
+def summarize(runs: list[dict], conditions: list[str]) -> list[dict]:
+    """Per condition: median tokens/s, and median / min / max of the per-repeat paired
+    ratios ``tokens_per_s[cond] / tokens_per_s[stock]`` of the same repeat.
+
+    ``ratio_balanced`` corrects for engine order: on a shared machine the engine that runs
+    second in a repeat may run faster or slower for reasons of its own (measured here: ~10%),
+    and with an odd number of repeats one order has more votes. It is the geometric mean of
+    the two orders' geometric-mean ratios (stock first / steering first); with one order
+    only, the plain geometric mean."""
+    rows = []
+    for cond in conditions:
+        tps = [r["tokens_per_s"][cond] for r in runs]
+        ratios = [r["tokens_per_s"][cond] / r["tokens_per_s"][STOCK] for r in runs]
+        by_order: dict[bool, list[float]] = {}
+        for r, x in zip(runs, ratios):
+            by_order.setdefault(bool(r.get("stock_first", True)), []).append(math.log(x))
+        balanced = math.exp(statistics.mean(statistics.mean(v) for v in by_order.values()))
+        rows.append(
+            {
+                "condition": cond,
+                "tokens_per_s": round(statistics.median(tps), 2),
+                "ratio": round(statistics.median(ratios), 4),
+                "ratio_balanced": round(balanced, 4),
+                "ratio_min": round(min(ratios), 4),
+                "ratio_max": round(max(ratios), 4),
+                "repeats": len(runs),
+                "paired_ratios": [round(x, 4) for x in ratios],
+            }
+        )
+    return rows
+
+
+FIELDS = ["condition", "tokens_per_s", "ratio", "ratio_balanced", "ratio_min", "ratio_max", "repeats"]
+
+
+def write_results(rows: list[dict], runs: list[dict], meta: dict, out: Path, stem: str) -> None:
+    """``<stem>.csv``, ``<stem>.json`` (with every run) and ``<stem>.png`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "throughput.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["condition", "tokens_per_s", "ratio", "runs"])
+    with open(out / f"{stem}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS + ["paired_ratios"])
         w.writeheader()
         for r in rows:
-            w.writerow({k: r[k] for k in w.fieldnames})
-    (out / "throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+            w.writerow({**{k: r[k] for k in FIELDS}, "paired_ratios": " ".join(map(str, r["paired_ratios"]))})
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows, "runs": runs}, indent=2))
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 0.6 * len(rows) + 1.6))
-    names = [r["condition"] for r in rows][::-1]
-    ratios = [r["ratio"] for r in rows][::-1]
-    base = rows[0]["tokens_per_s"] / rows[0]["ratio"]  # median unsteered tokens/s
-    lo = [max(0.0, r["ratio"] - min(r["all_tokens_per_s"]) / base) for r in rows][::-1]
-    hi = [max(0.0, max(r["all_tokens_per_s"]) / base - r["ratio"]) for r in rows][::-1]
-    ax.barh(names, ratios, color="#4c72b0", xerr=[lo, hi], capsize=4, ecolor="#555")
-    ax.axvline(1.0, color="k", lw=0.8)
-    ax.axvline(0.95, color="r", ls="--", lw=0.8, label="0.95 target")
-    for i, r in enumerate(rows[::-1]):
-        ax.text(1.3, i, f"{r['ratio']:.3f}  ({r['tokens_per_s']:.0f} tok/s)", va="center")
-    ax.set_xlim(0, 1.75)
-    ax.set_xlabel("throughput / median unsteered (bar: median of runs; whiskers: min-max run)")
-    ax.set_title(
-        f"roast-vllm, {meta['mode']} mode, {meta['num_prompts']} prompts x {meta['max_tokens']} tokens, "
-        f"{meta['device']}",
-        fontsize=10,
+    fig, ax = plt.subplots(figsize=(9, 0.55 * len(rows) + 1.8))
+    rr = rows[::-1]
+    y = list(range(len(rr)))
+    ax.barh(
+        y,
+        [r["ratio"] for r in rr],
+        color=["#999" if r["condition"] == STOCK else "#4c72b0" for r in rr],
+        xerr=[[r["ratio"] - r["ratio_min"] for r in rr], [r["ratio_max"] - r["ratio"] for r in rr]],
+        capsize=4,
+        ecolor="#555",
     )
-    ax.legend(loc="lower right")
+    for r, yi in zip(rr, y):  # every paired ratio as a dot, the order-balanced one as a diamond
+        ax.plot(r["paired_ratios"], [yi] * len(r["paired_ratios"]), "k.", ms=4)
+        ax.plot([r["ratio_balanced"]], [yi], "D", color="#dd8452", ms=5)
+        ax.text(1.3, yi, f"{r['ratio']:.3f}  ({r['tokens_per_s']:.0f} tok/s)", va="center", fontsize=9)
+    ax.set_yticks(y, [r["condition"] for r in rr])
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.axvline(0.99, color="g", ls="--", lw=0.8, label="0.99 goal (nothing steered)")
+    ax.axvline(0.97, color="r", ls="--", lw=0.8, label="0.97 goal (K=64)")
+    ax.set_xlim(0.5, 1.6)
+    ax.set_xlabel(
+        "throughput / stock vLLM, same repeat (bar: median; whiskers: min-max; dots: repeats; "
+        "diamond: order-balanced)",
+        fontsize=8,
+    )
+    ax.set_title(
+        f"roast-vllm vs stock vLLM, {meta['mode']} mode, {meta['num_prompts']} prompts x "
+        f"{meta['max_tokens']} tokens, {meta['repeats']} engine pairs, {meta['device']}",
+        fontsize=9,
+    )
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "throughput.png", dpi=120)
+    fig.savefig(out / f"{stem}.png", dpi=120)
     plt.close(fig)
 
 
 def print_table(rows: list[dict], meta: dict) -> None:
     print(
-        f"\n{meta['mode']} mode, {meta['num_prompts']} prompts x {meta['max_tokens']} tokens, {meta['machine']}"
+        f"\n{meta['mode']} mode, {meta['num_prompts']} prompts x {meta['max_tokens']} tokens, "
+        f"{meta['repeats']} engine pairs, {meta['machine']}"
     )
-    print(f"{'condition':<36} {'tokens/s':>10} {'ratio':>7}")
+    print(f"{'condition':<32} {'tokens/s':>9} {'median':>7} {'balanced':>8}  min-max of paired ratios")
     for r in rows:
-        print(f"{r['condition']:<36} {r['tokens_per_s']:>10.1f} {r['ratio']:>7.3f}")
+        print(
+            f"{r['condition']:<32} {r['tokens_per_s']:>9.1f} {r['ratio']:>7.3f} {r['ratio_balanced']:>8.3f}  "
+            f"{r['ratio_min']:.3f}-{r['ratio_max']:.3f}"
+        )

@@ -10,14 +10,12 @@ import sys
 import pytest
 import torch
 
-from roast_vllm.engine_args import default_dtype
-
-# vLLM spawns engine processes; keep test engines small and deterministic. Stock engines
-# get the dtype roast_vllm.LLM picks on this CPU (bf16 only with native bf16, else fp32),
-# so stock-vs-steered comparisons compare like with like.
-ENGINE_DEFAULTS = dict(
-    kv_cache_memory_bytes=1 << 30, max_model_len=1024, seed=0, dtype=default_dtype() or "auto"
-)
+# vLLM spawns engine processes; keep test engines small and deterministic. fp32 on every
+# CPU (also where roast_vllm.LLM would pick bf16): the transformers-reference checks must
+# tell a near miss (a layer off by one, a scale 10% off) from rounding, which bf16's
+# 30-layer rounding noise does not allow; fp32 engines agree with transformers to ~1e-5
+# nats. The kernels' bf16/fp16 paths are tested in tests/kernels.
+ENGINE_DEFAULTS = dict(kv_cache_memory_bytes=1 << 30, max_model_len=1024, seed=0, dtype="float32")
 
 # Greedy decoding with bf16 logits meets exact ties often (logits are quantized to
 # 1/16..1/8 at this magnitude); these prompts reach their first tie late, so comparisons
@@ -51,6 +49,14 @@ def model_dir() -> str:
     from roast_vllm.model_prep import default_model
 
     return default_model()
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_dir):
+    """The transformers model in the engines' dtype: the forward-hook reference."""
+    from roast_vllm.hf import load_hf
+
+    return load_hf(model_dir, dtype=TORCH_DTYPE)[0]
 
 
 def shutdown(llm) -> None:

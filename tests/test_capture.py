@@ -21,10 +21,13 @@ pytestmark = pytest.mark.engine
 ENGINE = dict(ENGINE_DEFAULTS, enforce_eager=True, max_num_batched_tokens=256, max_num_seqs=16)
 LAYERS = [0, 7, 15, 22, 29]
 
-# bf16 tolerance: vLLM's CPU kernels and HF's eager bf16 math round differently; the
-# per-sequence activation vectors must point the same way and agree in size.
-MIN_COS = 0.998
-MAX_REL = 0.05
+# vLLM's CPU kernels and HF's eager math round differently (bf16: a lot; fp32: summation
+# order only); the per-sequence activation vectors must point the same way and agree in size.
+BF16 = TORCH_DTYPE == torch.bfloat16
+MIN_COS = 0.998 if BF16 else 0.99999
+MAX_REL = 0.05 if BF16 else 2e-3
+# the same engine at two batch shapes (its CPU kernels are not batch-invariant)
+MAX_REL_BATCH = 2e-2 if BF16 else 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +37,6 @@ def llm(model_dir):
     engine = roast_vllm.LLM(model_dir, **ENGINE)
     yield engine
     shutdown(engine)
-
-
-@pytest.fixture(scope="module")
-def hf_model(model_dir):
-    from roast_vllm.hf import load_hf
-
-    return load_hf(model_dir, dtype=TORCH_DTYPE)[0]
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +99,13 @@ def test_capture_is_per_request_in_a_mixed_batch(llm, seqs):
         llm.collective_rpc("roast_pop_captures", args=([f"mix-{i}" for i in range(5)],))[0]
     )
     assert sorted({k.split("/")[0] for k in caps}) == [f"mix-{i}" for i in range(5)]
-    torch.testing.assert_close(caps["mix-0/residual"], solo[:, 0], atol=0.5, rtol=2e-2)
+    got, want = caps["mix-0/residual"], solo[:, 0]  # [layers, H]
+    rel = (got - want).norm(dim=-1) / want.norm(dim=-1)
+    assert float(rel.max()) <= MAX_REL_BATCH, rel
+    # not some other sequence's activations (the near miss: a row mix-up; sequence 3 ends in
+    # another token than sequence 0, so even layer 0 differs)
+    other = (caps["mix-3/residual"] - want).norm(dim=-1) / want.norm(dim=-1)
+    assert float(other.min()) > 100 * MAX_REL_BATCH, other
 
 
 def test_capture_rejects_bad_input_and_engine_survives(llm, seqs):
@@ -121,28 +123,10 @@ def test_capture_rejects_bad_input_and_engine_survives(llm, seqs):
 
 @pytest.mark.parametrize("positions", ["all", "last_prompt_and_generated"])
 def test_mlp_act_steering_matches_transformers_hooks(llm, hf_model, positions):
-    from vllm import SamplingParams
+    """Per request: the reference of its own configuration, not of its near misses."""
+    from hf_reference import check_mlp_act
 
-    import roast_vllm
-    from roast_vllm.hf import teacher_forced_logprobs
-
-    vec = SteeringVector.random(30, 1536, layers=list(range(6, 20)), seed=3, site="mlp_act")
-    roast_vllm.register_vector(llm, "mlp3", vec)
-    spec = SteerSpec("mlp3", 3.0, None, positions)
-    extra = {"steer_vector": "mlp3", "steer_scale": 3.0, "steer_positions": positions}
-    prompts = ["The capital of France is", "My favourite food is", "Write a haiku about rain:"]
-    outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0, logprobs=1, extra_args=extra))
-    plain = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0))
-    changed = 0
-    for o, p in zip(outs, plain):
-        gen = list(o.outputs[0].token_ids)
-        ref = teacher_forced_logprobs(hf_model, o.prompt_token_ids, gen, vec, spec)
-        vllm_lp = torch.tensor([o.outputs[0].logprobs[i][t].logprob for i, t in enumerate(gen)])
-        hf_lp = ref[torch.arange(len(gen)), torch.tensor(gen)]
-        assert torch.allclose(hf_lp, vllm_lp, atol=0.25), (hf_lp - vllm_lp).abs().max()
-        assert float((ref.max(-1).values - hf_lp).max()) <= 0.25
-        changed += gen != list(p.outputs[0].token_ids)
-    assert changed >= 1  # the steering is strong enough to matter
+    check_mlp_act(llm, hf_model, positions)
 
 
 def test_steer_start_scores_a_continuation_like_generation(llm, hf_model):

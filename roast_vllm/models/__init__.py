@@ -5,7 +5,7 @@ and class it lives in; adding a family whose decoder layers return
 #: stock architecture -> (vLLM module, class). The steered wrapper is "Roast" + arch.
 FAMILIES: dict[str, tuple[str, str]] = {
     "LlamaForCausalLM": ("vllm.model_executor.models.llama", "LlamaForCausalLM"),
-    "MistralForCausalLM": ("vllm.model_executor.models.llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("vllm.model_executor.models.mistral", "MistralForCausalLM"),
     "Qwen2ForCausalLM": ("vllm.model_executor.models.qwen2", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("vllm.model_executor.models.qwen3", "Qwen3ForCausalLM"),
 }

@@ -110,9 +110,25 @@ def test_css_modes():
     assert torch.equal(css(mu, "none"), mu)
 
 
-def test_dispatch_uses_torch_on_cpu_and_validates():
+def test_dispatch_takes_each_path_and_validates(monkeypatch):
+    """CPU tensors run the reference; inside ``triton_on_cpu`` the Triton launcher runs
+    (interpreted): the two agree. Bad input is refused on both paths."""
+    from roast_vllm.kernels import grouped_css as mod
+    from roast_vllm.kernels.dispatch import triton_on_cpu
+
+    calls = []
+    real = mod.grouped_css_triton
+    monkeypatch.setattr(mod, "grouped_css_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
     D, w, g = make(7, 64, "uneven", torch.float32)
-    torch.testing.assert_close(grouped_css(D, w, g), grouped_css_ref(D, w, g))
+    by_ref = grouped_css(D, w, g)
+    assert calls == []
+    assert torch.equal(by_ref, grouped_css_ref(D, w, g))
+    with triton_on_cpu():
+        by_triton = grouped_css(D, w, g)
+        with pytest.raises(ValueError, match="mode"):
+            grouped_css(D, w, g, mode="topk")
+    assert calls
+    torch.testing.assert_close(by_triton, by_ref, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="mode"):
         grouped_css(D, w, g, mode="topk")
     with pytest.raises(ValueError, match=r"\[L, N, H\]"):

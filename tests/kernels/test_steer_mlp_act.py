@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from roast_vllm.kernels import steer_mlp_act as mod
+from roast_vllm.kernels.dispatch import triton_on_cpu
 from roast_vllm.kernels.steer_mlp_act import steer_mlp_act, steer_mlp_act_ref, steer_mlp_act_triton
 
 S = 5
@@ -140,21 +142,75 @@ def test_scale_zero_is_identity():
     assert torch.equal(bits(steer_mlp_act_ref(act.clone(), up, table, slot, zero)), bits(act))
 
 
-def test_custom_op_compiles_and_matches():
-    """The op the engine uses on CUDA is an in-place custom op torch.compile can hold; the
-    reference itself traces without graph breaks (no data-dependent shapes)."""
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts Triton launches (the custom op calls the launcher through the module)."""
+    calls = []
+    real = mod.steer_mlp_act_triton
+
+    def counting(*a, **k):
+        calls.append(a[0].shape)
+        return real(*a, **k)
+
+    monkeypatch.setattr(mod, "steer_mlp_act_triton", counting)
+    return calls
+
+
+def test_dispatch_takes_each_path(launches):
+    """CPU tensors run the reference; inside ``triton_on_cpu`` the custom op runs the Triton
+    kernel: the two paths agree."""
+    act, _, up, table, slot, scale = make(7, 769, torch.bfloat16)
+    by_ref = steer_mlp_act(act.clone(), up, table, slot, scale)
+    assert launches == []
+    assert torch.equal(bits(by_ref), bits(steer_mlp_act_ref(act.clone(), up, table, slot, scale)))
+    with triton_on_cpu():
+        by_triton = steer_mlp_act(act.clone(), up, table, slot, scale)
+    assert launches == [act.shape]
+    torch.testing.assert_close(by_triton, by_ref, **TOL[torch.bfloat16])
+    assert not torch.equal(by_triton, act)
+
+
+def _compiled_mlp(gate_up, table, slot, scale):
+    # as in the steered MLP: the op corrects SiluAndMul's output with the view up = gate_up[:, I:]
+    width = gate_up.shape[-1] // 2
+    act = torch.nn.functional.silu(gate_up[:, :width]) * gate_up[:, width:]
+    steer_mlp_act(act, gate_up[:, width:], table, slot, scale)
+    return act * 3.0
+
+
+@pytest.mark.parametrize("triton_path", [True, False], ids=["triton-custom-op", "reference"])
+def test_inside_inductor(launches, triton_path):
+    """The engine's CUDA path (the in-place custom op holding the Triton launch, here under
+    Triton's interpreter) and its CPU path (the reference, fused by inductor), each inside
+    an inductor-compiled graph, against the reference run eagerly."""
+    from torch._inductor.utils import run_and_get_code
+
+    T, I = 7, 769
+    _, gate_up, _, table, slot, scale = make(T, I, torch.float32)
+    gate_up = gate_up.clamp(-8, 8).nan_to_num()  # finite: the plain act below reads every row
+    plain = torch.nn.functional.silu(gate_up[:, :I]) * gate_up[:, I:]
+    want = steer_mlp_act_ref(plain.clone(), gate_up[:, I:], table, slot, scale) * 3.0
+    torch._dynamo.reset()
+    f = torch.compile(_compiled_mlp, backend="inductor", fullgraph=True)
+    if triton_path:
+        with triton_on_cpu():
+            out, code = run_and_get_code(f, gate_up, table, slot, scale)
+    else:
+        out, code = run_and_get_code(f, gate_up, table, slot, scale)
+    assert ("roast_vllm.steer_mlp_act" in "\n".join(code)) == triton_path
+    assert len(launches) == int(triton_path)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    busy = slot != 0
+    assert not torch.allclose(out[busy], plain[busy] * 3.0, atol=1e-3), "steered rows must change"
+    torch.testing.assert_close(out[~busy], plain[~busy] * 3.0, atol=1e-6, rtol=1e-6)
+
+
+def test_reference_traces_without_graph_breaks():
+    """The reference has no data-dependent shapes: one graph, no breaks."""
     act, _, up, table, slot, scale = make(7, 769, torch.float32)
     want = steer_mlp_act_ref(act.clone(), up, table, slot, scale)
-
-    def f(x):
-        x = x * 1.0
-        torch.ops.roast_vllm.steer_mlp_act(x, up, table, slot, scale)
-        return x
-
-    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(act.clone()), want)
     ref_c = torch.compile(steer_mlp_act_ref, fullgraph=True, backend="eager")
-    torch.testing.assert_close(ref_c(act.clone(), up, table, slot, scale), want)
-    torch.testing.assert_close(steer_mlp_act(act.clone(), up, table, slot, scale), want)
+    torch.testing.assert_close(ref_c(act.clone(), up, table, slot, scale), want, atol=0, rtol=0)
 
 
 def test_validation():
