@@ -5,8 +5,8 @@ Each repeat starts **stock vLLM** (the plugin installed but not enabled: vLLM's 
 class, no tracker, no scheduler subclass) and the **steering engine** (``roast_vllm.LLM``)
 one at a time, in alternating order, with the same vLLM arguments, prompts and greedy
 ``ignore_eos`` requests (every run makes the same number of tokens). After start each
-engine warms up on every one of its conditions once (short runs, untimed), then times
-each condition once. A condition's ratio in repeat ``r`` is its tokens/s over stock's
+engine makes one short untimed warm-up run per steering condition (stock: the same number
+of plain runs), then times each of its conditions once. A condition's ratio in repeat ``r`` is its tokens/s over stock's
 tokens/s in the same repeat; rows report the median of those paired ratios and their
 min-max.
 
@@ -106,7 +106,11 @@ def run_stock(cfg: BenchConfig, prompts: list[str], env_runner: str | None) -> d
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = env_runner
     llm = vllm.LLM(model=cfg.model, **cfg.engine_kwargs)
     try:
-        llm.generate(prompts, _params(cfg.warmup_tokens, None), use_tqdm=False)
+        # as many warm-up runs as the steering engine gets (one per condition): a freshly
+        # started engine speeds up over its first runs, and stock must not be timed earlier
+        # in that curve than the steering engine is
+        for _ in cfg.conditions():
+            llm.generate(prompts, _params(cfg.warmup_tokens, None), use_tqdm=False)
         return {STOCK: _timed(llm, prompts, [_params(cfg.max_tokens, None)] * len(prompts))}
     finally:
         shutdown(llm)
