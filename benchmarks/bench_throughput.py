@@ -1,8 +1,8 @@
 """Steering engine vs stock vLLM throughput, paired by repeat (``roast_vllm.throughput``).
 
 Each repeat starts stock vLLM and the steering engine one at a time (alternating which
-goes first) with the same vLLM arguments and prompts; every engine warms up on each of its
-conditions once, then times each once. Reported: per condition the median of the paired
+goes first) with the same vLLM arguments and prompts; each makes one short warm-up run per
+steering condition, then times each of its conditions once. Reported: per condition the median of the paired
 ratios ``tokens/s / stock tokens/s`` of each repeat, and their min-max. Conditions: nothing
 steered; all layers steered with K = 1, 64, 256 distinct per-request vectors, at the
 residual and the ``mlp_act`` site. Writes CSV, JSON (every run) and a PNG plot.

@@ -74,8 +74,12 @@ class BenchConfig:
     #: generated tokens per request in the warm-up runs (every condition once)
     warmup_tokens: int = 4
 
+    def steered(self) -> dict[str, tuple[int, str]]:
+        """``{condition name: (K, site)}`` of the steered conditions."""
+        return {condition_name(k, s): (k, s) for s in self.sites for k in self.ks}
+
     def conditions(self) -> list[str]:
-        return [NOTHING] + [condition_name(k, s) for s in self.sites for k in self.ks]
+        return [NOTHING, *self.steered()]
 
 
 def _params(max_tokens: int, extra: dict | None):
@@ -121,12 +125,10 @@ def _steer_params(cfg: BenchConfig, cond: str, names: dict[str, list[str]], max_
     n = cfg.num_prompts
     if cond == NOTHING:
         return [_params(max_tokens, None)] * n
-    for site in cfg.sites:
-        for k in cfg.ks:
-            if cond == condition_name(k, site):
-                extra = [{"steer_vector": names[site][i % k], "steer_scale": cfg.scale} for i in range(n)]
-                return [_params(max_tokens, e) for e in extra]
-    raise ValueError(f"unknown condition {cond!r}")
+    k, site = cfg.steered()[cond]
+    return [
+        _params(max_tokens, {"steer_vector": names[site][i % k], "steer_scale": cfg.scale}) for i in range(n)
+    ]
 
 
 def run_steering(cfg: BenchConfig, prompts: list[str], order_rev: bool) -> dict[str, float]:
@@ -134,7 +136,7 @@ def run_steering(cfg: BenchConfig, prompts: list[str], order_rev: bool) -> dict[
     every condition, time each once (order reversed when ``order_rev``), shut down."""
     import roast_vllm
     from roast_vllm import SteeringVector
-    from roast_vllm.llm import shutdown
+    from roast_vllm.llm import shutdown, site_dim
 
     kmax = max(cfg.ks)
     llm = roast_vllm.LLM(
@@ -146,13 +148,12 @@ def run_steering(cfg: BenchConfig, prompts: list[str], order_rev: bool) -> dict[
     )
     try:
         L = llm.roast_dims["num_layers"]
-        dims = {"residual": llm.roast_dims["hidden_size"], "mlp_act": llm.roast_dims["intermediate_size"]}
         names: dict[str, list[str]] = {}
         for site in cfg.sites:
             names[site] = []
             for i in range(kmax):
                 name = f"bench_{site}_{i}"
-                v = SteeringVector.random(L, dims[site], seed=1000 + i, site=site)
+                v = SteeringVector.random(L, site_dim(llm.roast_dims, site), seed=1000 + i, site=site)
                 roast_vllm.register_vector(llm, name, v)
                 names[site].append(name)
         conds = cfg.conditions()

@@ -4,7 +4,28 @@ roast_vllm.kernels does lazily on first launch, so setting the variable here is 
 
 import os
 
+import pytest
+
 os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture
+def count_launches(monkeypatch):
+    """``count_launches(module, "name_triton")`` -> a list that gets the first argument's
+    shape of every call of that launcher (ops call their launcher through the module)."""
+
+    def install(module, name: str) -> list:
+        calls = []
+        real = getattr(module, name)
+
+        def counting(*a, **k):
+            calls.append(a[0].shape)
+            return real(*a, **k)
+
+        monkeypatch.setattr(module, name, counting)
+        return calls
+
+    return install
 
 
 def run_isolated(code: str, *args: str, timeout: int = 300) -> str:

@@ -110,15 +110,13 @@ def test_css_modes():
     assert torch.equal(css(mu, "none"), mu)
 
 
-def test_dispatch_takes_each_path_and_validates(monkeypatch):
+def test_dispatch_takes_each_path_and_validates(count_launches):
     """CPU tensors run the reference; inside ``triton_on_cpu`` the Triton launcher runs
     (interpreted): the two agree. Bad input is refused on both paths."""
     from roast_vllm.kernels import grouped_css as mod
     from roast_vllm.kernels.dispatch import triton_on_cpu
 
-    calls = []
-    real = mod.grouped_css_triton
-    monkeypatch.setattr(mod, "grouped_css_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = count_launches(mod, "grouped_css_triton")
     D, w, g = make(7, 64, "uneven", torch.float32)
     by_ref = grouped_css(D, w, g)
     assert calls == []

@@ -72,17 +72,8 @@ def test_scale_zero_is_identity_but_not_skipped():
 
 
 @pytest.fixture
-def launches(monkeypatch):
-    """Counts Triton launches (the custom op calls the launcher through the module)."""
-    calls = []
-    real = mod.steer_apply_triton
-
-    def counting(*a, **k):
-        calls.append(a[0].shape)
-        return real(*a, **k)
-
-    monkeypatch.setattr(mod, "steer_apply_triton", counting)
-    return calls
+def launches(count_launches):
+    return count_launches(mod, "steer_apply_triton")
 
 
 def test_dispatch_takes_each_path(launches):

@@ -143,17 +143,8 @@ def test_scale_zero_is_identity():
 
 
 @pytest.fixture
-def launches(monkeypatch):
-    """Counts Triton launches (the custom op calls the launcher through the module)."""
-    calls = []
-    real = mod.steer_mlp_act_triton
-
-    def counting(*a, **k):
-        calls.append(a[0].shape)
-        return real(*a, **k)
-
-    monkeypatch.setattr(mod, "steer_mlp_act_triton", counting)
-    return calls
+def launches(count_launches):
+    return count_launches(mod, "steer_mlp_act_triton")
 
 
 def test_dispatch_takes_each_path(launches):
