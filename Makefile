@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint format bench bench-kernels bench-roast clean bench-decode
+.PHONY: setup demo test test-fast lint format bench bench-kernels bench-roast clean bench-decode bench-grouped-css bench-estimate-memory
 
 setup: $(VENV)/.installed
 
@@ -23,7 +23,7 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 demo: setup
-	$(PY) -m roast_vllm.demo
+	$(PY) -m roast_vllm.cli.demo
 
 # Kernel tests run apart: TRITON_INTERPRET=1 must not leak into vLLM's engine processes.
 test: setup
@@ -50,6 +50,14 @@ bench: setup
 
 bench-kernels: setup
 	$(PY) benchmarks/bench_kernels.py
+
+bench-grouped-css: setup
+	$(PY) benchmarks/bench_grouped_css.py
+
+# driver memory of ROAST estimation, streamed vs gathered (synthetic capture on Ray actors)
+bench-estimate-memory: setup
+	$(PY) -m roast_vllm.cli prepare-model >/dev/null
+	$(PY) benchmarks/bench_estimate_memory.py
 
 # decode step, unsteered vs steered: 32B widths + CUDA graphs on a GPU, small widths on CPU
 bench-decode: setup

@@ -7,7 +7,16 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["roast_vllm", "roast_vllm.engine", "roast_vllm.models", "roast_vllm.kernels", "roast_vllm.tasks"],
+    packages=[
+        "roast_vllm",
+        "roast_vllm.cli",
+        "roast_vllm.engine",
+        "roast_vllm.engine.models",
+        "roast_vllm.kernels",
+        "roast_vllm.methods",
+        "roast_vllm.runtime",
+        "roast_vllm.tasks",
+    ],
     # kernels/ stays a top-level folder in the repo but installs as roast_vllm.kernels,
     # so no package called `kernels` lands in site-packages.
     package_dir={"roast_vllm.kernels": "kernels"},
@@ -30,7 +39,7 @@ setup(
         "dev": ["pytest>=8", "hypothesis>=6.100", "openai>=1.0", "ruff", "optuna>=3", "ray[default]>=2.9", "pandas", "pyarrow"],
     },
     entry_points={
-        "vllm.general_plugins": ["roast_vllm = roast_vllm.plugin:register"],
+        "vllm.general_plugins": ["roast_vllm = roast_vllm.engine.plugin:register"],
         "console_scripts": ["roast-vllm = roast_vllm.cli:main"],
     },
 )

@@ -54,16 +54,16 @@ def main() -> None:
     p.add_argument("--out", default="results/roast")
     p.add_argument("--data-dir", default=str(DATA))
     p.add_argument("--gsm8k-rollout-q", type=int, default=64, help="part-a questions sampled for GSM8K")
-    from roast_vllm import engine_args
+    from roast_vllm.engine import args as engine_args
 
     engine_args.add_engine_args(p)  # any vLLM engine argument (e.g. --dtype bfloat16) reaches every worker
     args = engine_args.parse_args(p)
 
-    from roast_vllm.estimate import EstimateOptions, estimate_from_rollouts
-    from roast_vllm.evaluate import evaluate
-    from roast_vllm.rollout import RolloutConfig, read_records, run_rollouts
+    from roast_vllm.methods.estimate import EstimateOptions, estimate_from_rollouts
+    from roast_vllm.runtime.pool import EngineOptions, PoolOptions, WorkerPool
+    from roast_vllm.runtime.rollout import RolloutConfig, read_records, run_rollouts
     from roast_vllm.tasks import data_hash, select
-    from roast_vllm.workers import EngineOptions, PoolOptions, WorkerPool
+    from roast_vllm.tasks.evaluate import evaluate
 
     out_root = Path(args.out)
     summary = []
@@ -183,7 +183,7 @@ def main() -> None:
 
 def run_rollouts_subset(cfg, questions, out, pool) -> None:
     """Rollouts for an explicit question list (GSM8K: a budget-sized subset of part a)."""
-    from roast_vllm.rollout import write_records
+    from roast_vllm.runtime.rollout import write_records
 
     if Path(out).exists():
         return

@@ -1,4 +1,4 @@
-"""Steering engine vs stock vLLM throughput, paired by repeat (``roast_vllm.throughput``).
+"""Steering engine vs stock vLLM throughput, paired by repeat (``roast_vllm.engine.throughput``).
 
 Each repeat starts stock vLLM and the steering engine one at a time (alternating which
 goes first) with the same vLLM arguments and prompts; each makes one short warm-up run per
@@ -41,7 +41,7 @@ def main(argv=None) -> None:
         metavar="JSON",
         help="no engines: recompute the table and plot from the runs in a results JSON",
     )
-    from roast_vllm import engine_args
+    from roast_vllm.engine import args as engine_args
 
     engine_args.add_engine_args(p)  # any vLLM engine argument: --dtype, -tp, --gpu-memory-utilization ...
     args = engine_args.parse_args(p, argv)
@@ -54,9 +54,9 @@ def main(argv=None) -> None:
 
     import torch
 
-    from roast_vllm.engine_args import default_dtype
-    from roast_vllm.model_prep import default_model
-    from roast_vllm.throughput import BenchConfig, measure_paired, print_table, write_results
+    from roast_vllm.engine.args import default_dtype
+    from roast_vllm.engine.model_prep import default_model
+    from roast_vllm.engine.throughput import BenchConfig, measure_paired, print_table, write_results
 
     model = args.model or default_model()
     kwargs = dict(
@@ -106,7 +106,7 @@ def resummarize(path: Path) -> None:
     """Rewrite ``<stem>.{csv,json,png}`` beside ``path`` from the runs it holds."""
     import json
 
-    from roast_vllm.throughput import STOCK, print_table, summarize, write_results
+    from roast_vllm.engine.throughput import STOCK, print_table, summarize, write_results
 
     data = json.loads(path.read_text())
     conditions = [STOCK] + [c for c in data["runs"][0]["tokens_per_s"] if c != STOCK]

@@ -21,11 +21,11 @@ __all__ = [
 
 def __getattr__(name):
     if name in ("LLM", "register_vector"):
-        from roast_vllm import llm
+        from roast_vllm.engine import llm
 
         return getattr(llm, name)
     if name == "capture_activations":
-        from roast_vllm.capture import capture_activations
+        from roast_vllm.engine.capture import capture_activations
 
         return capture_activations
     raise AttributeError(f"module 'roast_vllm' has no attribute {name!r}")

@@ -46,7 +46,7 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def model_dir() -> str:
-    from roast_vllm.model_prep import default_model
+    from roast_vllm.engine.model_prep import default_model
 
     return default_model()
 
@@ -54,14 +54,14 @@ def model_dir() -> str:
 @pytest.fixture(scope="session")
 def hf_model(model_dir):
     """The transformers model in the engines' dtype: the forward-hook reference."""
-    from roast_vllm.hf import load_hf
+    from roast_vllm.methods.hf import load_hf
 
     return load_hf(model_dir, dtype=TORCH_DTYPE)[0]
 
 
 def shutdown(llm) -> None:
     """Stop an engine's processes now (one engine at a time on this machine)."""
-    from roast_vllm.llm import shutdown as _shutdown
+    from roast_vllm.engine.llm import shutdown as _shutdown
 
     _shutdown(llm)
 

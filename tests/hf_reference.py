@@ -1,4 +1,4 @@
-"""Engine outputs against the transformers forward-hook reference (``roast_vllm.hf``), each
+"""Engine outputs against the transformers forward-hook reference (``roast_vllm.methods.hf``), each
 with its **near misses**: shared by the eager and the compiled engine's tests.
 
 For one request the engine's greedy tokens are teacher-forced through HF with the
@@ -19,7 +19,7 @@ from conftest import TORCH_DTYPE
 
 from roast_vllm import SteeringVector
 from roast_vllm.engine.spec import SteerSpec
-from roast_vllm.hf import teacher_forced_logprobs
+from roast_vllm.methods.hf import teacher_forced_logprobs
 
 BF16 = TORCH_DTYPE == torch.bfloat16
 #: Mean over a request's tokens of |HF - vLLM| log-prob of vLLM's tokens that a correct

@@ -43,7 +43,7 @@ def llm(model_dir):
 def seqs(llm):
     """q ⊕ r texts as a ROAST run makes them: shared question prefixes (prefix caching),
     a long one (chunked prefill), a one-token one."""
-    from roast_vllm.jobs import prompt_ids, response_ids
+    from roast_vllm.runtime.jobs import prompt_ids, response_ids
     from roast_vllm.tasks import Question
 
     tok = llm.get_tokenizer()
@@ -63,8 +63,8 @@ def _assert_close(got: torch.Tensor, ref: torch.Tensor) -> None:
 
 
 def test_capture_matches_transformers_hooks(llm, hf_model, seqs):
-    from roast_vllm.capture import capture_activations
-    from roast_vllm.hf import capture_last_token
+    from roast_vllm.engine.capture import capture_activations
+    from roast_vllm.methods.hf import capture_last_token
 
     got = capture_activations(llm, seqs, LAYERS, batch_size=3, progress=False)
     ref = capture_last_token(hf_model, seqs, LAYERS)
@@ -82,7 +82,7 @@ def test_capture_is_per_request_in_a_mixed_batch(llm, seqs):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from roast_vllm.capture import capture_activations
+    from roast_vllm.engine.capture import capture_activations
 
     solo = capture_activations(llm, seqs[:1], LAYERS, sites=["residual"], progress=False)["residual"]
     prompts = [TokensPrompt(prompt_token_ids=s) for s in seqs]
@@ -109,7 +109,7 @@ def test_capture_is_per_request_in_a_mixed_batch(llm, seqs):
 
 
 def test_capture_rejects_bad_input_and_engine_survives(llm, seqs):
-    from roast_vllm.capture import capture_activations
+    from roast_vllm.engine.capture import capture_activations
 
     with pytest.raises(ValueError, match="empty"):
         capture_activations(llm, [seqs[0], []], LAYERS, progress=False)
@@ -132,8 +132,8 @@ def test_mlp_act_steering_matches_transformers_hooks(llm, hf_model, positions):
 def test_steer_start_scores_a_continuation_like_generation(llm, hf_model):
     """``jobs.loglik`` (prompt logprobs, steering from the context's last token) equals
     HF's teacher-forced log-likelihood under the same hook."""
-    from roast_vllm import jobs
-    from roast_vllm.hf import teacher_forced_logprobs
+    from roast_vllm.methods.hf import teacher_forced_logprobs
+    from roast_vllm.runtime import jobs
     from roast_vllm.tasks import Question
 
     vec = SteeringVector.random(30, 576, layers=list(range(5, 25)), seed=1)
@@ -163,7 +163,7 @@ def test_sample_job_steered_and_unverified(llm, tmp_path):
     """The rollout job on plain prompts: seeded samples are reproducible, steering applies,
     and ``correct`` is None for a task without a verifier."""
     import roast_vllm
-    from roast_vllm import jobs
+    from roast_vllm.runtime import jobs
     from roast_vllm.tasks import get_task
 
     p = tmp_path / "p.jsonl"
@@ -180,3 +180,48 @@ def test_sample_job_steered_and_unverified(llm, tmp_path):
     assert all(
         r["correct"] is None and (r["completion_tokens"] == 12 or r["finish_reason"] == "stop") for r in s
     )
+
+
+def test_streamed_estimate_equals_all_in_memory_on_real_rollouts(llm, model_dir):
+    """The model's own rollouts on TruthfulQA questions -> ROAST (both sites, grouped and
+    not) and CAA vectors, streamed (capture-and-reduce jobs of at most 8 texts on this
+    engine, partials added) vs all activations captured at once and reduced in memory.
+    They differ only by the engine's batch shapes (``MAX_REL_BATCH``)."""
+    import dataclasses
+
+    from roast_vllm.envs import data_dir
+    from roast_vllm.methods.estimate import EstimateOptions, estimate_from_rollouts, vector_from_activations
+    from roast_vllm.methods.pairs import build_pairs
+    from roast_vllm.runtime import jobs
+    from roast_vllm.runtime.pool import EngineOptions, WorkerPool
+    from roast_vllm.tasks import select
+
+    qs = select("truthfulqa_mc", str(data_dir() / "truthfulqa_dev.csv"), "a", 0.5, 0, 10)
+    w = WorkerPool.in_process(llm)
+    rollouts = jobs.sample(w._local, "truthfulqa_mc", qs, 4, 1.0, 1.0, 48, 5)
+    assert {r["correct"] for r in rollouts} == {True, False}
+    errs = {}
+    for opts in (
+        EstimateOptions(site="mlp_act", layers=[2, 15, 29], capture_batch=8),
+        EstimateOptions(site="residual", layers=[2, 15, 29], grouped=False, css="l2", capture_batch=8),
+        EstimateOptions(method="caa", layers=[2, 15, 29], capture_batch=8),
+    ):
+        got = estimate_from_rollouts(qs, rollouts, opts, EngineOptions(model=model_dir), w, progress=False)
+        ps = build_pairs(qs, rollouts)
+        by_id = {q.qid: q for q in qs}
+        site = got.site
+        acts = jobs.capture_texts(w._local, [(by_id[q], r) for q, r in ps.texts], opts.layers, [site])[site]
+        want = vector_from_activations(ps, acts, opts.layers, opts, num_layers=30)
+        assert got.provenance["jobs"] > 2 and got.provenance["n_pairs"] == len(ps.pairs)
+        for l in opts.layers:
+            rel = float((got.directions[l] - want.directions[l]).norm() / want.directions[l].norm())
+            errs[(opts.method, site, opts.grouped, l)] = rel
+            assert rel <= 5 * MAX_REL_BATCH, (opts, l, rel)
+        if opts.method == "roast":  # near miss: the other grouping
+            other = vector_from_activations(
+                ps, acts, opts.layers, dataclasses.replace(opts, grouped=not opts.grouped)
+            )
+            for l in opts.layers:
+                miss = float((other.directions[l] - want.directions[l]).norm() / want.directions[l].norm())
+                assert miss > 20 * MAX_REL_BATCH, (opts, l, miss)
+    print("streamed vs in-memory, relative L2 error per (method, site, grouped, layer):", errs)

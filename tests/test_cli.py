@@ -9,13 +9,14 @@ import torch
 from conftest import roast_cli
 
 from roast_vllm import SteeringVector
-from roast_vllm.cli import _layers, _read_prompts, main
+from roast_vllm.cli import main
+from roast_vllm.cli.common import parse_layers, read_prompts
 
 
 def test_layers_syntax():
-    assert _layers("3") == [3]
-    assert _layers("1,4-6, 9") == [1, 4, 5, 6, 9]
-    assert _layers(None) is None
+    assert parse_layers("3") == [3]
+    assert parse_layers("1,4-6, 9") == [1, 4, 5, 6, 9]
+    assert parse_layers(None) is None
 
 
 def test_read_prompts(tmp_path):
@@ -23,19 +24,19 @@ def test_read_prompts(tmp_path):
     (tmp_path / "b.jsonl").write_text('{"prompt": "x"}\n{"question": "y"}\n')
     (tmp_path / "c.jsonl").write_text('{"other": 1}\n')
     (tmp_path / "d.jsonl").write_text("not json\n")
-    assert _read_prompts(str(tmp_path / "a.txt")) == ["one", "two"]
-    assert _read_prompts(str(tmp_path / "b.jsonl")) == ["x", "y"]
+    assert read_prompts(str(tmp_path / "a.txt")) == ["one", "two"]
+    assert read_prompts(str(tmp_path / "b.jsonl")) == ["x", "y"]
     with pytest.raises(SystemExit, match="needs a 'prompt'"):
-        _read_prompts(str(tmp_path / "c.jsonl"))
+        read_prompts(str(tmp_path / "c.jsonl"))
     with pytest.raises(SystemExit, match="not JSON"):
-        _read_prompts(str(tmp_path / "d.jsonl"))
+        read_prompts(str(tmp_path / "d.jsonl"))
     with pytest.raises(SystemExit, match="does not exist"):
-        _read_prompts(str(tmp_path / "missing.txt"))
+        read_prompts(str(tmp_path / "missing.txt"))
 
 
 def test_caa_builds_a_mean_difference_vector(model_dir, tmp_path):
-    from roast_vllm.demo import DATA
-    from roast_vllm.hf import capture_residual, load_hf
+    from roast_vllm.cli.demo import DATA
+    from roast_vllm.methods.hf import capture_residual, load_hf
 
     out = tmp_path / "happy.safetensors"
     main(
@@ -99,7 +100,7 @@ def test_serve_dry_run_prints_the_vllm_command(model_dir, tmp_path):
 
 
 def test_config_json_roundtrip():
-    from roast_vllm.config import RoastConfig
+    from roast_vllm.engine.config import RoastConfig
 
     c = RoastConfig(max_steering_slots=8, vectors={"a": "/x.safetensors"}, num_layers=30)
     assert RoastConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c

@@ -201,7 +201,7 @@ def test_mlp_act_steering_in_compile_mode(llm):
 
 
 def test_capture_needs_an_eager_engine(llm):
-    from roast_vllm.capture import capture_activations
+    from roast_vllm.engine.capture import capture_activations
 
     with pytest.raises(ValueError, match="enforce_eager=True"):
         capture_activations(llm, [[1, 2, 3]], [0], progress=False)

@@ -8,10 +8,10 @@ import shlex
 
 import pytest
 
-from roast_vllm import demo
-from roast_vllm import engine_args as ea
-from roast_vllm.cli import main, parse_args, serve_command
-from roast_vllm.workers import EngineOptions
+from roast_vllm.cli import demo, main, parse_args
+from roast_vllm.cli.serve import serve_command
+from roast_vllm.engine import args as ea
+from roast_vllm.runtime.pool import EngineOptions
 
 HF = {"rope_theta": 10000.0, "max_window_layers": 4}
 VLLM = [
@@ -233,7 +233,7 @@ def test_engine_options_use_bounded_steps():
 
 
 def test_roast_commands_build_engine_options(monkeypatch):
-    from roast_vllm.cli_roast import _engine
+    from roast_vllm.cli.common import engine_options as _engine
 
     monkeypatch.setattr(ea, "on_cpu", lambda: True)
     args = parse_args([*COMMANDS["rollout"], "--workers", "0", "--dtype", "float32", "--max-num-seqs", "8"])
@@ -323,7 +323,7 @@ def test_demo_forwards_vllm_options_to_every_step(tmp_path):
 
 
 def test_generate_hands_the_vllm_options_to_roast_llm(monkeypatch, model_dir):
-    import roast_vllm.llm
+    import roast_vllm.engine.llm
 
     seen = {}
 
@@ -334,7 +334,7 @@ def test_generate_hands_the_vllm_options_to_roast_llm(monkeypatch, model_dir):
         seen.update(kw, model=model)
         raise Stop
 
-    monkeypatch.setattr(roast_vllm.llm, "LLM", fake_llm)
+    monkeypatch.setattr(roast_vllm.engine.llm, "LLM", fake_llm)
     monkeypatch.setattr(ea, "on_cpu", lambda: True)
     args = parse_args(
         ["generate", "Hi", "--model", model_dir, "--temperature", "0.7", "--dtype", "float32", "-tp", "2"]

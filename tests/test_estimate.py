@@ -1,8 +1,11 @@
 """ROAST reduction on a synthetic case whose answer is known analytically."""
 
+import dataclasses
+
+import pytest
 import torch
 
-from roast_vllm.estimate import estimate_vector
+from roast_vllm.methods.estimate import estimate_vector
 
 
 def test_known_direction_despite_one_loud_question():
@@ -46,8 +49,8 @@ def test_pairs_to_vector_matches_closed_form():
     correct response reads ``base_q + u_q`` and every incorrect one ``base_q - u_q``: each
     pair difference of question q is ``2 u_q`` (gold fallback: ``u_q - (base_q - u_q)``
     with the gold text placed at ``base_q + u_q`` too), so the answers are known."""
-    from roast_vllm.estimate import EstimateOptions, vector_from_activations
-    from roast_vllm.pairs import build_pairs
+    from roast_vllm.methods.estimate import EstimateOptions, vector_from_activations
+    from roast_vllm.methods.pairs import build_pairs
 
     H = 8
     torch.manual_seed(0)
@@ -85,3 +88,138 @@ def test_pairs_to_vector_matches_closed_form():
     caa = vector_from_activations(ps, acts, [4], EstimateOptions(method="caa"))
     torch.testing.assert_close(caa.directions[4], mu)
     assert caa.site == "residual" and caa.method == "caa"
+
+
+# ------------------------------------------------------------------ streaming
+def _synthetic_set(n_questions: int, seed: int = 0):
+    """Questions with uneven rollouts: k correct and m incorrect each (1..5), some with
+    only correct ones (known-wrong fallback), some with only incorrect ones (gold
+    fallback, weight 0.5), one repeated response (deduplicated)."""
+    import random
+
+    rng = random.Random(seed)
+    qs, rollouts = [], []
+    for i in range(n_questions):
+        qs.append(_q(f"q{i}", wrong=[f"wrong-{i}"]))
+        k, m = rng.randint(0, 5), rng.randint(0, 5)
+        if k + m == 0:
+            k = 1
+        rollouts += [{"qid": f"q{i}", "response": f"right {i}.{j}", "correct": True} for j in range(k)]
+        rollouts += [{"qid": f"q{i}", "response": f"wrong {i}.{j}", "correct": False} for j in range(m)]
+    rollouts.append(dict(rollouts[0]))
+    return qs, rollouts
+
+
+def _in_memory(qs, rollouts, opts, model_dir):
+    """The all-in-memory reference: every text's activations at once."""
+    from roast_vllm.methods.estimate import vector_from_activations
+    from roast_vllm.methods.pairs import build_pairs
+    from roast_vllm.runtime.pool import EngineOptions
+    from roast_vllm.runtime.synthetic import SyntheticWorker
+
+    ps = build_pairs(qs, rollouts, reread_weight=opts.reread_weight, seed=opts.seed)
+    by_id = {q.qid: q for q in qs}
+    site = "residual" if opts.method == "caa" else opts.site
+    acts = SyntheticWorker(EngineOptions(model=model_dir)).capture_texts(
+        [(by_id[qid], r) for qid, r in ps.texts], opts.layers, [site]
+    )[site]
+    return vector_from_activations(ps, acts, opts.layers, opts, num_layers=30)
+
+
+def _streamed(qs, rollouts, opts, model_dir):
+    from roast_vllm.methods.estimate import estimate_from_rollouts
+    from roast_vllm.runtime.pool import EngineOptions, PoolOptions, WorkerPool
+    from roast_vllm.runtime.synthetic import SyntheticWorker
+
+    eng = EngineOptions(model=model_dir)
+    with WorkerPool(eng, PoolOptions(workers=0), worker_cls=SyntheticWorker) as wp:
+        return estimate_from_rollouts(qs, rollouts, opts, eng, wp, progress=False)
+
+
+STREAM_CASES = {
+    "roast-mlp_act-grouped-max_norm": dict(method="roast", site="mlp_act", css="max_norm"),
+    "roast-residual-grouped-softmax-recss": dict(method="roast", site="residual", css="softmax", recss=True),
+    "roast-residual-ungrouped-l2": dict(method="roast", site="residual", css="l2", grouped=False),
+    "roast-mlp_act-ungrouped-max_norm-recss": dict(method="roast", site="mlp_act", grouped=False, recss=True),
+    "caa": dict(method="caa"),
+}
+
+
+@pytest.mark.parametrize("case", list(STREAM_CASES), ids=list(STREAM_CASES))
+def test_streamed_estimate_equals_all_in_memory(case, model_dir):
+    """Capture-and-reduce jobs of whole questions, partials added on the driver, give the
+    all-in-memory vector (fp32 tolerance), over many jobs (batch 7 texts/pairs) with a
+    question larger than a batch; the other grouping is far off (a near miss)."""
+    from roast_vllm.methods.estimate import EstimateOptions
+
+    qs, rollouts = _synthetic_set(40)
+    rollouts += [{"qid": "q3", "response": f"extra {j}", "correct": j % 2 == 0} for j in range(12)]
+    opts = EstimateOptions(layers=[0, 5, 29], capture_batch=7, reread_weight=0.5, **STREAM_CASES[case])
+    got = _streamed(qs, rollouts, opts, model_dir)
+    want = _in_memory(qs, rollouts, opts, model_dir)
+    assert got.layers == want.layers and got.site == want.site and got.method == want.method
+    assert got.provenance["jobs"] > 10 and got.provenance["n_pairs"] == want.provenance["n_pairs"]
+    assert got.provenance["n_groups"] == want.provenance["n_groups"]
+    for l in opts.layers:
+        torch.testing.assert_close(got.directions[l], want.directions[l], rtol=1e-5, atol=1e-6)
+    if opts.method == "roast":
+        other = _in_memory(qs, rollouts, dataclasses.replace(opts, grouped=not opts.grouped), model_dir)
+        rel = [
+            float((other.directions[l] - want.directions[l]).norm() / want.directions[l].norm())
+            for l in opts.layers
+        ]
+        assert min(rel) > 1e-2
+
+
+def test_jobs_hold_whole_questions_within_the_batch(model_dir):
+    from roast_vllm.methods.estimate import plan_jobs
+    from roast_vllm.methods.pairs import build_pairs
+
+    qs, rollouts = _synthetic_set(60, seed=1)
+    rollouts += [{"qid": "q7", "response": f"extra {j}", "correct": j % 2 == 0} for j in range(12)]
+    ps = build_pairs(qs, rollouts)
+    jobs = plan_jobs(ps, 9)
+    seen = []
+    for job in jobs:
+        groups = sorted({p[3] for p in job.pairs})
+        assert groups == list(range(len(groups)))  # local group ids
+        job_qids = [t[0] for t in job.texts]
+        assert len(job.texts) == len(set(job.texts))
+        assert all(0 <= p[0] < len(job.texts) and 0 <= p[1] < len(job.texts) for p in job.pairs)
+        if len(groups) > 1:  # only a lone question may exceed the batch
+            assert len(job.texts) <= 9 and len(job.pairs) <= 9
+        seen += list(dict.fromkeys(job_qids))
+    assert sorted(seen) == sorted(ps.qids) and len(seen) == len(set(seen))  # each question once
+    assert sum(len(j.pairs) for j in jobs) == len(ps.pairs)
+    assert max(len(j.pairs) for j in jobs) > 9  # q7's 36 pairs: one job of its own
+
+
+def test_partial_sums_do_not_depend_on_job_order(model_dir):
+    import random
+
+    from roast_vllm.methods.estimate import PartialSum, plan_jobs, reduce_pairs
+    from roast_vllm.methods.pairs import build_pairs
+    from roast_vllm.runtime.pool import EngineOptions
+    from roast_vllm.runtime.synthetic import SyntheticWorker
+
+    qs, rollouts = _synthetic_set(50, seed=2)
+    ps = build_pairs(qs, rollouts)
+    by_id = {q.qid: q for q in qs}
+    w = SyntheticWorker(EngineOptions(model=model_dir))
+    parts = [
+        reduce_pairs(
+            w.capture_texts([(by_id[q], r) for q, r in j.texts], [3, 4], ["residual"])["residual"],
+            j.pairs,
+            "l2",
+            True,
+        )
+        for j in plan_jobs(ps, 8)
+    ]
+    results = []
+    for seed in range(3):
+        random.Random(seed).shuffle(parts)
+        total = PartialSum(grouped=True)
+        for p in parts:
+            total.add(p)
+        results.append(total.result("l2"))
+    assert all(torch.equal(results[0], r) for r in results[1:])

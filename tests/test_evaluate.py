@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from roast_vllm.evaluate import mc_scores, mean_ci, wilson
+from roast_vllm.tasks.evaluate import mc_scores, mean_ci, wilson
 
 
 @pytest.mark.parametrize(

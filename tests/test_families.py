@@ -61,8 +61,8 @@ def test_family_steering_matches_hf_reference(family, model_dir, tmp_path, monke
     from vllm import SamplingParams
 
     import roast_vllm
-    from roast_vllm.hf import load_hf, teacher_forced_logprobs
-    from roast_vllm.models import FAMILIES
+    from roast_vllm.engine.models import FAMILIES
+    from roast_vllm.methods.hf import load_hf, teacher_forced_logprobs
 
     # lets the test send a function to the engine process (test only)
     monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")

@@ -557,7 +557,7 @@ def test_fuzz_rows_and_slots_follow_vllms_persistent_batch(ops):
 )
 def test_unsupported_features_are_refused_before_any_engine_starts(model_dir, kw, what):
     import roast_vllm
-    from roast_vllm.cli import serve_command
+    from roast_vllm.cli.serve import serve_command
 
     with pytest.raises(ValueError, match=what):
         roast_vllm.LLM(model_dir, **kw)
@@ -572,7 +572,7 @@ def test_serve_accepts_mlp_act_vectors(model_dir, tmp_path, capsys):
     """`roast-vllm serve` checked every vector against the hidden size, so it refused
     mlp_act vectors (ROAST's default site)."""
     from roast_vllm.cli import main
-    from roast_vllm.model_prep import model_dims
+    from roast_vllm.engine.model_prep import model_dims
 
     dims = model_dims(model_dir)
     path = tmp_path / "m.safetensors"

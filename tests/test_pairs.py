@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from roast_vllm.pairs import Pair, build_pairs
+from roast_vllm.methods.pairs import Pair, build_pairs
 from roast_vllm.tasks import Question
 
 

@@ -43,9 +43,9 @@ def test_ray_rollouts_two_workers_survive_a_killed_worker(tmp_path, resumed_run)
     pool replaces it and re-runs its shard; nothing is lost or duplicated. The same seeds
     unsteered (``resumed_run``) give other responses: the steering reached the actors."""
     from roast_vllm import SteeringVector
-    from roast_vllm.rollout import RolloutConfig, manifest, read_records, run_rollouts
+    from roast_vllm.runtime.pool import EngineOptions, PoolOptions
+    from roast_vllm.runtime.rollout import RolloutConfig, manifest, read_records, run_rollouts
     from roast_vllm.tasks import select
-    from roast_vllm.workers import EngineOptions, PoolOptions
 
     vec = tmp_path / "rnd.safetensors"
     SteeringVector.random(30, 576, layers=list(range(4, 26)), seed=11).save(vec)
@@ -131,7 +131,7 @@ def resumed_run(tmp_path_factory):
 
 
 def test_killed_rollout_resumes_without_redoing_or_duplicating(resumed_run):
-    from roast_vllm.rollout import read_records
+    from roast_vllm.runtime.rollout import read_records
     from roast_vllm.tasks import select
 
     d, out, saved, stdout = resumed_run

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from roast_vllm.envs import data_dir
-from roast_vllm.jobs import sample_seed
-from roast_vllm.rollout import RolloutConfig, _check_manifest, read_records, shard_dir, write_records
+from roast_vllm.runtime.jobs import sample_seed
+from roast_vllm.runtime.rollout import RolloutConfig, _check_manifest, read_records, shard_dir, write_records
 
 DATA = data_dir() / "truthfulqa_dev.csv"
 
@@ -56,7 +56,7 @@ def test_bad_settings_and_files_say_what_is_wrong(tmp_path):
 
 def test_sample_seeds_depend_only_on_seed_question_and_index():
     # the same in another interpreter with another hash seed (another worker, another run)
-    code = "from roast_vllm.jobs import sample_seed; print(sample_seed(42, 'q1', 0))"
+    code = "from roast_vllm.runtime.jobs import sample_seed; print(sample_seed(42, 'q1', 0))"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert int(other.stdout.split()[-1]) == sample_seed(42, "q1", 0)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from roast_vllm.throughput import NOTHING, STOCK, BenchConfig, condition_name, summarize, write_results
+from roast_vllm.engine.throughput import NOTHING, STOCK, BenchConfig, condition_name, summarize, write_results
 
 
 def test_conditions_cover_every_k_and_site():

@@ -70,7 +70,7 @@ def _load_env_once() -> None:
     if _env_loaded:
         return
     _env_loaded = True
-    from roast_vllm.config import RoastConfig
+    from roast_vllm.engine.config import RoastConfig
     from roast_vllm.vector import SteeringVector
 
     cfg = RoastConfig.from_env()

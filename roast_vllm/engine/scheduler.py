@@ -15,7 +15,7 @@ from __future__ import annotations
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from roast_vllm.config import RoastConfig
+from roast_vllm.engine.config import RoastConfig
 from roast_vllm.engine.spec import SteeringRequestError, parse_steer_args
 
 QUALNAME = "roast_vllm.engine.scheduler.SteeringScheduler"

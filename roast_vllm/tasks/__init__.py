@@ -54,6 +54,15 @@ class Question:
     best_answer: str = ""
 
 
+def chat_prompts(tok, prompts: list[str]) -> list[str]:
+    """Plain user prompts wrapped in the tokenizer's chat template, ending with the
+    assistant turn's start (as the model sees a question)."""
+    return [
+        tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+
+
 class Task:
     """Base class of a task: load questions, extract and verify answers."""
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
-from roast_vllm.kernels import steer_apply as mod
 from roast_vllm.kernels.dispatch import triton_on_cpu
 from roast_vllm.kernels.steer_apply import steer_apply, steer_apply_ref, steer_apply_triton
+
+# the module itself: the package attribute roast_vllm.kernels.steer_apply is the op
+mod = importlib.import_module("roast_vllm.kernels.steer_apply")
 
 S = 5
 TOL = {
@@ -144,6 +148,7 @@ def test_validation():
 _PAST_INT32 = """
 import torch
 from roast_vllm.kernels.steer_apply import steer_apply_ref, steer_apply_triton
+
 
 # three rows 1.5 * 2^30 elements apart (a strided view of one 6 GiB bf16 buffer whose pages
 # are mostly never touched): row 2 starts past 2^31 elements while the row stride itself

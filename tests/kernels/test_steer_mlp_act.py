@@ -6,11 +6,15 @@ unsteered rows hold inf/nan, which must not leak into ``act``.
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
-from roast_vllm.kernels import steer_mlp_act as mod
 from roast_vllm.kernels.dispatch import triton_on_cpu
 from roast_vllm.kernels.steer_mlp_act import steer_mlp_act, steer_mlp_act_ref, steer_mlp_act_triton
+
+# the module itself: the package attribute roast_vllm.kernels.steer_mlp_act is the op
+mod = importlib.import_module("roast_vllm.kernels.steer_mlp_act")
 
 S = 5
 SCALE = torch.tensor([0.0, 1.5, -2.0, 0.25, 4.0])
@@ -233,6 +237,7 @@ def test_validation():
 _PAST_INT32 = """
 import torch
 from roast_vllm.kernels.steer_mlp_act import steer_mlp_act_ref, steer_mlp_act_triton
+
 
 # act rows 1.5 * 2^30 elements apart (see test_steer_apply.py): row 2 starts past 2^31
 dev = "cuda" if torch.cuda.is_available() else "cpu"

@@ -18,6 +18,6 @@ def steered_arch(stock_arch: str) -> str:
     if stock_arch not in FAMILIES:
         raise ValueError(
             f"roast-vllm has no steered wrapper for architecture {stock_arch!r}; supported: "
-            f"{sorted(FAMILIES)} (add a line to roast_vllm.models.FAMILIES)"
+            f"{sorted(FAMILIES)} (add a line to roast_vllm.engine.models.FAMILIES)"
         )
     return PREFIX + stock_arch

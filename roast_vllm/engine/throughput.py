@@ -101,7 +101,7 @@ def run_stock(cfg: BenchConfig, prompts: list[str], env_runner: str | None) -> d
     """Start stock vLLM, warm up, time one run, shut down; ``{STOCK: tokens/s}``."""
     import vllm
 
-    from roast_vllm.llm import shutdown
+    from roast_vllm.engine.llm import shutdown
 
     # stock runs on vLLM's own default model runner (the steering engine pins V1)
     if env_runner is None:
@@ -134,12 +134,11 @@ def _steer_params(cfg: BenchConfig, cond: str, names: dict[str, list[str]], max_
 def run_steering(cfg: BenchConfig, prompts: list[str], order_rev: bool) -> dict[str, float]:
     """Start the steering engine, register ``max(ks)`` random vectors per site, warm up on
     every condition, time each once (order reversed when ``order_rev``), shut down."""
-    import roast_vllm
-    from roast_vllm import SteeringVector
-    from roast_vllm.llm import shutdown, site_dim
+    from roast_vllm.engine.llm import LLM, register_vector, shutdown, site_dim
+    from roast_vllm.vector import SteeringVector
 
     kmax = max(cfg.ks)
-    llm = roast_vllm.LLM(
+    llm = LLM(
         cfg.model,
         max_steering_slots=kmax,
         mlp_act_site=True,  # the engine users get by default: both sites' ops in every layer
@@ -154,7 +153,7 @@ def run_steering(cfg: BenchConfig, prompts: list[str], order_rev: bool) -> dict[
             for i in range(kmax):
                 name = f"bench_{site}_{i}"
                 v = SteeringVector.random(L, site_dim(llm.roast_dims, site), seed=1000 + i, site=site)
-                roast_vllm.register_vector(llm, name, v)
+                register_vector(llm, name, v)
                 names[site].append(name)
         conds = cfg.conditions()
         for cond in conds:  # warm-up: every condition once

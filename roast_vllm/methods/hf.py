@@ -134,7 +134,7 @@ def capture_residual(
 def capture_last_token(
     model, token_ids: list[list[int]], layers: list[int], sites=("residual", "mlp_act")
 ) -> dict[str, torch.Tensor]:
-    """Forward-hook reference of ``roast_vllm.capture.capture_activations``:
+    """Forward-hook reference of ``roast_vllm.engine.capture.capture_activations``:
     ``{site: [len(layers), N, dim]}`` float32 at each sequence's last token. ``mlp_act`` is
     the output of ``mlp.act_fn`` (SiLU(gate_proj x), before the multiply by up_proj)."""
     captured: dict[tuple[str, int], torch.Tensor] = {}

@@ -12,96 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from roast_vllm.cli import KV_CACHE_HELP
-from roast_vllm.engine_args import add_engine_args
+from roast_vllm.cli.common import add_data, add_engine, engine_options, floats, layers_arg
 
 
-def _floats(s: str) -> list[float]:
-    try:
-        return [float(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise SystemExit(f"error: --scales must be comma-separated numbers, got {s!r}") from None
-
-
-def _add_data(s) -> None:
-    from roast_vllm.tasks import TASKS
-
-    s.add_argument("--task", required=True, choices=TASKS)
-    s.add_argument("--data", required=True, help="data file in the format of ../shared/data/")
-    s.add_argument("--limit", type=int, default=None, help="read only the first N questions")
-    s.add_argument(
-        "--split",
-        default="all",
-        choices=["all", "a", "b"],
-        help="disjoint part: a = estimate/tune, b = report",
-    )
-    s.add_argument("--split-fraction", type=float, default=0.5, help="share of questions in part a")
-    s.add_argument("--split-seed", type=int, default=0)
-
-
-def _add_engine(s) -> None:
-    s.add_argument("--model", default=None, help="local HF model folder (default: embedded SmolLM2)")
-    s.add_argument(
-        "--compile", action="store_true", help="vLLM compile mode (default: eager; starts faster on CPU)"
-    )
-    s.add_argument("--max-model-len", type=int, default=2048)
-    s.add_argument("--kv-cache-gib", type=float, default=None, help=KV_CACHE_HELP)
-    s.add_argument(
-        "--workers", type=int, default=1, help="Ray actors, one engine each (0: in-process, no Ray)"
-    )
-    s.add_argument("--address", default=None, help="join this Ray cluster (default: start a local Ray)")
-    s.add_argument("--cpus-per-worker", type=float, default=1.0)
-    s.add_argument("--gpus-per-worker", type=float, default=0.0)
-    s.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_engine_args(s)
-
-
-def _engine(args, compile_ok: bool = True, seeded: bool = False):
-    """Engine and pool options from a command's arguments. ``compile_ok``: False where the
-    engine must be eager (activation capture); ``seeded``: whether requests sample with
-    their own seeds (``engine_args.step_bounds``). The vLLM options given go to
-    ``EngineOptions.extra`` and win over the command's own settings."""
-    from roast_vllm.engine_args import kv_cache_bytes, on_cpu
-    from roast_vllm.workers import EngineOptions, PoolOptions
-
-    extra = dict(args.engine_kwargs)
-    if not compile_ok and extra.get("enforce_eager") is False:
-        raise SystemExit(
-            f"error: `roast-vllm {args.command}` captures activations, which needs an eager "
-            "engine; drop --no-enforce-eager"
-        )
-    nbytes = kv_cache_bytes(args.kv_cache_gib, extra)
-    eng = EngineOptions(
-        model=args.model,
-        enforce_eager=not (args.compile and compile_ok),
-        max_model_len=args.max_model_len,
-        kv_cache_gib=None if nbytes is None else nbytes / (1 << 30),
-        seeded=seeded,
-        extra=extra,
-    )
-    pool = PoolOptions(
-        workers=args.workers,
-        address=args.address,
-        cpus_per_worker=args.cpus_per_worker,
-        gpus_per_worker=args.gpus_per_worker,
-    )
-    # check the step settings here rather than in every worker (workers with GPUs: not CPU)
-    eng.llm_kwargs(cpu=on_cpu() if args.workers == 0 or args.gpus_per_worker == 0 else False)
-    return eng, pool
-
-
-def _layers_arg(s: str | None) -> list[int] | None:
-    from roast_vllm.cli import _layers
-
-    try:
-        return _layers(s)
-    except ValueError:
-        raise SystemExit(f"error: --layers must look like '8-20' or '3,5,7', got {s!r}") from None
-
-
-# ---------------------------------------------------------------------- rollout
 def cmd_rollout(args) -> None:
-    from roast_vllm.rollout import RolloutConfig, read_records, run_rollouts
+    from roast_vllm.runtime.rollout import RolloutConfig, read_records, run_rollouts
     from roast_vllm.tasks import get_task
 
     cfg = RolloutConfig(
@@ -120,11 +35,11 @@ def cmd_rollout(args) -> None:
         model=args.model,
         vector=args.vector,
         scale=args.scale,
-        layers=_layers_arg(args.layers),
+        layers=layers_arg(args.layers),
         positions=args.positions,
     )
     # every sample carries its own seed (temperature > 0): no chunked prefill on CPU
-    eng, pool = _engine(args, seeded=args.temperature > 0)
+    eng, pool = engine_options(args, seeded=args.temperature > 0)
     out = run_rollouts(cfg, args.out, eng, pool, overwrite=args.overwrite, progress=not args.quiet)
     rows = read_records(out)
     if not get_task(args.task).has_verifier:
@@ -145,10 +60,9 @@ def cmd_rollout(args) -> None:
     )
 
 
-# --------------------------------------------------------------------- estimate
 def cmd_estimate(args) -> None:
-    from roast_vllm.estimate import EstimateOptions, estimate_from_rollouts
-    from roast_vllm.rollout import manifest, read_records
+    from roast_vllm.methods.estimate import EstimateOptions, estimate_from_rollouts
+    from roast_vllm.runtime.rollout import manifest, read_records
     from roast_vllm.tasks import data_hash, get_task
 
     if not get_task(args.task).has_verifier:
@@ -168,7 +82,7 @@ def cmd_estimate(args) -> None:
     opts = EstimateOptions(
         method=args.method,
         site=args.site,
-        layers=_layers_arg(args.layers),
+        layers=layers_arg(args.layers),
         css=args.css,
         grouped=not args.no_grouped,
         recss=args.recss,
@@ -202,7 +116,7 @@ def cmd_estimate(args) -> None:
             )
         },
     }
-    eng, pool = _engine(args, compile_ok=False)  # capture needs an eager engine
+    eng, pool = engine_options(args, compile_ok=False)  # capture needs an eager engine
     vec = estimate_from_rollouts(
         questions, rollouts, opts, eng, pool, provenance=prov, progress=not args.quiet
     )
@@ -217,20 +131,19 @@ def cmd_estimate(args) -> None:
     )
 
 
-# ------------------------------------------------------------------------- eval
 def cmd_eval(args) -> None:
-    from roast_vllm.evaluate import evaluate
+    from roast_vllm.runtime.pool import WorkerPool
     from roast_vllm.tasks import data_hash, select
+    from roast_vllm.tasks.evaluate import evaluate
     from roast_vllm.vector import SteeringVector
-    from roast_vllm.workers import WorkerPool
 
-    scales = _floats(args.scales) if args.scales else [args.scale]
+    scales = floats(args.scales) if args.scales else [args.scale]
     vec = None
     if args.vector:
         vec = SteeringVector.load(args.vector)
     elif any(s != 0 for s in scales):
         raise SystemExit("error: a nonzero --scale/--scales needs --vector")
-    layers = _layers_arg(args.layers)
+    layers = layers_arg(args.layers)
     if vec is not None and layers is not None:
         missing = [l for l in layers if l not in vec.directions]
         if missing:
@@ -238,7 +151,7 @@ def cmd_eval(args) -> None:
     questions = select(args.task, args.data, args.split, args.split_fraction, args.split_seed, args.limit)
     if not questions:
         raise SystemExit("error: no questions selected")
-    eng, pool = _engine(args)
+    eng, pool = engine_options(args)
     with WorkerPool(eng, pool) as wp:
         if vec is not None:
             wp.broadcast("ensure_vector", "eval", vec.to_bytes())
@@ -321,7 +234,7 @@ def add_commands(sub) -> None:
     from roast_vllm.tasks import TASKS
 
     s = sub.add_parser("rollout", help="sample n responses per question and verify them (Ray, resumable)")
-    _add_data(s)
+    add_data(s)
     s.add_argument("--out", required=True, help="output .jsonl or .parquet (shards go to OUT.shards/)")
     s.add_argument("--n", type=int, default=8, help="samples per question")
     s.add_argument("--temperature", type=float, default=0.8)
@@ -334,7 +247,7 @@ def add_commands(sub) -> None:
     s.add_argument("--scale", type=float, default=1.0)
     s.add_argument("--layers", default=None, help="steer only these layers of the vector")
     s.add_argument("--positions", default="all", choices=list(POSITIONS))
-    _add_engine(s)
+    add_engine(s)
     s.set_defaults(func=cmd_rollout)
 
     s = sub.add_parser("estimate", help="ROAST (or CAA) steering vector from rollouts")
@@ -357,11 +270,11 @@ def add_commands(sub) -> None:
     s.add_argument("--no-wrong-fallback", action="store_true")
     s.add_argument("--max-pairs-per-question", type=int, default=None)
     s.add_argument("--seed", type=int, default=0)
-    _add_engine(s)
+    add_engine(s)
     s.set_defaults(func=cmd_estimate)
 
     s = sub.add_parser("eval", help="greedy accuracy (+ TruthfulQA MC1/MC2), optionally steered / swept")
-    _add_data(s)
+    add_data(s)
     s.add_argument("--out", required=True, help="results .json (a sweep also writes .png)")
     s.add_argument("--vector", default=None)
     s.add_argument("--scale", type=float, default=0.0)
@@ -370,5 +283,5 @@ def add_commands(sub) -> None:
     s.add_argument("--positions", default="last_prompt_and_generated", choices=list(POSITIONS))
     s.add_argument("--max-tokens", type=int, default=None)
     s.add_argument("--no-mc", action="store_true", help="skip MC1/MC2 (truthfulqa_mc)")
-    _add_engine(s)
+    add_engine(s)
     s.set_defaults(func=cmd_eval)

@@ -20,17 +20,17 @@ import shlex
 import time
 from pathlib import Path
 
-from roast_vllm import engine_args
-from roast_vllm.engine_args import add_engine_args, kv_cache_bytes, step_bounds
+from roast_vllm.engine import args as engine_args
+from roast_vllm.engine.args import add_engine_args, kv_cache_bytes, step_bounds
 from roast_vllm.envs import data_dir
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"  # roast_vllm/data (package data)
 SHARED = data_dir()
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m roast_vllm.demo",
+        prog="python -m roast_vllm.cli.demo",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -70,7 +70,7 @@ def main(argv=None) -> None:
     t_all = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    from roast_vllm.model_prep import default_model
+    from roast_vllm.engine.model_prep import default_model
 
     print("== 1/5 embedded model", flush=True)
     model = args.model or default_model()
@@ -103,7 +103,8 @@ def main(argv=None) -> None:
     from vllm import SamplingParams
 
     import roast_vllm
-    from roast_vllm.cli import _chat, _read_prompts
+    from roast_vllm.cli.common import read_prompts
+    from roast_vllm.tasks import chat_prompts
 
     kw = dict(max_model_len=1024, seed=0)
     if (nbytes := kv_cache_bytes(None, args.engine_kwargs)) is not None:
@@ -112,8 +113,8 @@ def main(argv=None) -> None:
         kw["enforce_eager"] = True
     kw = step_bounds({**kw, **args.engine_kwargs}, seeded=False)  # greedy requests only
     llm = roast_vllm.LLM(model, vectors={"happy": vec_path, "roast": roast_vec}, max_steering_slots=20, **kw)
-    prompts = _read_prompts(str(DATA / "demo_prompts.txt"))
-    chat = _chat(llm.get_tokenizer(), prompts)
+    prompts = read_prompts(str(DATA / "demo_prompts.txt"))
+    chat = chat_prompts(llm.get_tokenizer(), prompts)
     base = SamplingParams(max_tokens=48, temperature=0.0)
     pos = SamplingParams(
         max_tokens=48, temperature=0.0, extra_args={"steer_vector": "happy", "steer_scale": args.scale}
@@ -137,7 +138,7 @@ def main(argv=None) -> None:
             print(f"  [{k}] {v[:200]!r}")
     (args.out / "outputs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
-    from roast_vllm.llm import shutdown
+    from roast_vllm.engine.llm import shutdown
 
     shutdown(llm)
     print(

@@ -17,10 +17,10 @@ import importlib
 
 import torch
 
-from roast_vllm.config import RoastConfig
+from roast_vllm.engine.config import RoastConfig
+from roast_vllm.engine.models import FAMILIES, PREFIX
 from roast_vllm.engine.runner import find_model_runner, install_step_hook
 from roast_vllm.engine.state import SteeringState, set_state
-from roast_vllm.models import FAMILIES, PREFIX
 from roast_vllm.vector import SteeringVector
 
 _layer_classes: dict[type, type] = {}

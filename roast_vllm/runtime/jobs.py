@@ -98,15 +98,15 @@ def sample(
 
 def capture(w, seqs: list[list[int]], layers: list[int], sites: list[str]) -> dict:
     """Last-token activations of ``seqs``: ``{site: Tensor[len(layers), N, dim]}``."""
-    from roast_vllm.capture import capture_activations
+    from roast_vllm.engine.capture import capture_activations
 
     return capture_activations(w.llm, seqs, layers, sites, progress=False)
 
 
-def capture_texts(w, pairs: list[tuple[Question, str]], layers: list[int], sites: list[str]) -> dict:
-    """Capture at the last token of ``prompt(q) ⊕ response`` for each ``(q, response)``."""
-    seqs = [prompt_ids(w.tok, q) + response_ids(w.tok, r) for q, r in pairs]
-    return capture(w, seqs, layers, sites)
+def capture_texts(w, items: list[tuple[Question, str]], layers: list[int], sites: list[str]) -> dict:
+    """Capture at the last token of ``prompt(q) ⊕ response`` for each ``(q, response)``:
+    the worker's own ``capture_texts`` (an engine's, or a stand-in's)."""
+    return w.capture_texts(items, layers, sites)
 
 
 def greedy(

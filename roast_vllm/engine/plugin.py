@@ -22,11 +22,11 @@ def register() -> None:
         return
     from vllm import ModelRegistry
 
-    from roast_vllm.models import FAMILIES, steered_arch
+    from roast_vllm.engine.models import FAMILIES, steered_arch
 
     supported = set(ModelRegistry.get_supported_archs())
     for stock in FAMILIES:
         arch = steered_arch(stock)
         if arch not in supported:
-            ModelRegistry.register_model(arch, f"roast_vllm.models.steered:{arch}")
+            ModelRegistry.register_model(arch, f"roast_vllm.engine.models.steered:{arch}")
     _registered = True

@@ -16,8 +16,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from roast_vllm.runtime.pool import EngineOptions, PoolOptions, WorkerPool, open_pool
 from roast_vllm.tasks import data_hash, get_task, select
-from roast_vllm.workers import EngineOptions, PoolOptions, WorkerPool, open_pool
 
 MANIFEST = "manifest.json"
 

@@ -1,0 +1,3 @@
+from roast_vllm.cli import main
+
+main()

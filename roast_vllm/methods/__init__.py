@@ -1,0 +1,13 @@
+"""Steering methods: how vectors are made from a model.
+
+- ``pairs``: ROAST's (correct, incorrect) rollout pairs per question, with fallbacks.
+- ``estimate``: ROAST (ROC differences reduced by Grouped Mean Normalization with Continuous
+  Soft Scaling, ``roast_vllm.kernels.grouped_css``) and CAA over the same pairs, streamed:
+  each capture job reduces its questions' pairs on its worker.
+- ``caa``: CAA from two prompt files.
+- ``hf``: the transformers reference of steering and residual capture that the engine is
+  checked against.
+
+Rollouts themselves (sampling, sharding, resuming) are the runtime's
+(``roast_vllm.runtime.rollout``); serving a vector is the engine's.
+"""

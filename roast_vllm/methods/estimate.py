@@ -1,0 +1,367 @@
+"""ROAST estimation, the reduction step: pair differences -> ``SteeringVector``.
+
+``d_i = h_l(q ⊕ r⁺)[-1] - h_l(q ⊕ r⁻)[-1]`` for every (correct, incorrect) pair ``i`` of
+question ``g_i`` (ROC), then Grouped Mean Normalization with Continuous Soft Scaling
+through the fused ``roast_vllm.kernels.grouped_css`` op (METHODS.md, ROAST steps 4-6)::
+
+    grouped:    v = (1/G) Σ_g CSS(μ_g),   μ_g = Σ_{i∈g} w_i d_i / Σ_{i∈g} w_i
+    ungrouped:  v = CSS(Σ_i w_i d_i / Σ_i w_i)
+    CAA:        ungrouped with CSS "none" (the residual-stream mean difference)
+
+Both are sums of per-question terms, so estimation streams (``estimate_from_rollouts``,
+behind ``roast-vllm estimate``): rollouts -> pairs (``roast_vllm.methods.pairs``) -> jobs
+of whole questions (``plan_jobs``) -> on each worker, capture and reduce
+(``capture_reduce``: ``[L, dim]`` partial ``Σ_g CSS(μ_g)`` and ``G``, or ``Σ w·d`` and
+``Σ w``) -> the driver adds the partials (``PartialSum``) and applies ``recss`` at the
+end. No activation reaches the driver: its memory is O(layers x width) whatever the
+number of pairs. ``vector_from_activations`` is the all-in-memory reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from roast_vllm.kernels.grouped_css import MODES, css, grouped_css
+from roast_vllm.vector import SteeringVector
+
+
+def estimate_vector(
+    diffs: torch.Tensor,
+    weights: torch.Tensor,
+    groups: torch.Tensor,
+    layers: list[int],
+    *,
+    mode: str = "max_norm",
+    grouped: bool = True,
+    site: str = "residual",
+    num_layers: int | None = None,
+    recss: bool = False,
+    **meta: Any,
+) -> SteeringVector:
+    """``diffs [len(layers), N, H]`` pair differences for the given ``layers``.
+
+    ``recss``: re-apply CSS to the merged vector (the authors do this when combining
+    shards; METHODS.md step 6).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}; use one of {MODES}")
+    if diffs.shape[0] != len(layers):
+        raise ValueError(f"diffs has {diffs.shape[0]} layers but {len(layers)} layer ids were given")
+    v = grouped_css(diffs, weights, groups, mode=mode, grouped=grouped)
+    if recss:
+        v = css(v, mode)
+    provenance = dict(meta.pop("provenance", {}) or {})
+    provenance.update(
+        {
+            "css": mode,
+            "grouped": grouped,
+            "recss": recss,
+            "n_pairs": int(diffs.shape[1]),
+            "n_groups": int(torch.unique(groups).numel()),
+        }
+    )
+    return SteeringVector(
+        directions={l: v[i] for i, l in enumerate(layers)},
+        site=site,
+        num_layers=num_layers,
+        method=meta.pop("method", "roast"),
+        provenance=provenance,
+        **meta,
+    )
+
+
+@dataclass
+class EstimateOptions:
+    """ROAST / CAA options (recorded in the vector's provenance)."""
+
+    method: str = "roast"
+    """``roast`` (CSS + optional grouping) or ``caa`` (plain mean difference, residual)."""
+    site: str = "mlp_act"
+    """Activation site for ``roast``: ``mlp_act`` (the paper's default) or ``residual``."""
+    layers: list[int] | None = None
+    """Layers to estimate (None: all)."""
+    css: str = "max_norm"
+    """Continuous Soft Scaling mode: max_norm | l2 | softmax | none."""
+    grouped: bool = True
+    """Grouped Mean Normalization (one question, one vote)."""
+    recss: bool = False
+    """Re-apply CSS to the merged vector."""
+    reread_weight: float = 1.0
+    """Weight of gold-answer fallback pairs."""
+    gold_fallback: bool = True
+    wrong_fallback: bool = True
+    max_pairs_per_question: int | None = None
+    seed: int = 0
+    capture_batch: int = 256
+    """Texts (and pairs) per capture-and-reduce job, whole questions only: a worker holds
+    one job's activations (``plan_jobs``)."""
+
+
+def estimate_from_rollouts(
+    questions,
+    rollouts: list[dict],
+    opts: EstimateOptions,
+    engine,
+    pool,
+    provenance: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> SteeringVector:
+    """Pairs -> streamed capture-and-reduce jobs -> ``SteeringVector``.
+
+    No activation comes back to the driver: each job captures its questions' texts on a
+    worker and returns ``[L, dim]`` partial sums (``capture_reduce``); the driver adds
+    them (``PartialSum``). Driver memory is O(layers x width) whatever the number of
+    pairs; a worker holds one job's activations (``plan_jobs``).
+    """
+    from tqdm import tqdm
+
+    from roast_vllm.engine.model_prep import default_model, model_dims
+    from roast_vllm.methods.pairs import build_pairs
+    from roast_vllm.runtime.pool import open_pool
+
+    if opts.method not in ("roast", "caa"):
+        raise ValueError(f"method={opts.method!r}; use 'roast' or 'caa'")
+    site = _site(opts)
+    model = engine.model or default_model()
+    dims = model_dims(model)
+    layers = opts.layers if opts.layers is not None else list(range(dims["num_layers"]))
+    bad = [l for l in layers if not 0 <= l < dims["num_layers"]]
+    if bad:
+        raise ValueError(f"layers {bad} out of range: the model has {dims['num_layers']} layers")
+    if opts.capture_batch < 1:
+        raise ValueError(f"capture_batch must be >= 1, got {opts.capture_batch}")
+    ps = build_pairs(
+        questions,
+        rollouts,
+        reread_weight=opts.reread_weight,
+        use_gold_fallback=opts.gold_fallback,
+        use_wrong_fallback=opts.wrong_fallback,
+        max_pairs_per_question=opts.max_pairs_per_question,
+        seed=opts.seed,
+    )
+    by_id = {q.qid: q for q in questions}
+    mode, grouped, _ = _reduction(opts)
+    jobs = [
+        (
+            i,
+            CAPTURE_REDUCE,
+            ([(by_id[qid], r) for qid, r in job.texts], job.pairs, layers, site, mode, grouped),
+        )
+        for i, job in enumerate(plan_jobs(ps, opts.capture_batch))
+    ]
+    total = PartialSum(grouped)
+    bar = tqdm(total=len(ps.pairs), desc="capturing + reducing pairs", unit="pair", disable=not progress)
+    with open_pool(engine, pool) as wp:
+        for _, part in wp.run(jobs):
+            total.add(part)
+            bar.update(part["n_pairs"])
+    bar.close()
+    if total.n_pairs != len(ps.pairs):  # every pair reduced exactly once
+        raise RuntimeError(f"roast-vllm: reduced {total.n_pairs} of {len(ps.pairs)} pairs (please report)")
+    return _vector(
+        total.result(mode),
+        ps,
+        layers,
+        opts,
+        dims["num_layers"],
+        str(model),
+        provenance,
+        jobs=len(jobs),
+        n_groups=total.n_groups,
+    )
+
+
+# ----------------------------------------------------------------- streaming
+#: the worker job of streaming estimation (``WorkerPool.run`` takes ``module:function``)
+CAPTURE_REDUCE = "roast_vllm.methods.estimate:capture_reduce"
+
+
+@dataclass
+class Job:
+    """Whole questions' pairs, re-indexed into the job's own texts."""
+
+    texts: list[tuple[str, str]]
+    """``(qid, response)`` texts to capture, each once."""
+    pairs: list[tuple[int, int, float, int]]
+    """``(pos, neg, weight, group)``: indices into ``texts``, group local to the job."""
+
+
+def plan_jobs(ps, batch: int) -> list[Job]:
+    """Cut a ``PairSet`` into jobs of whole groups (a question's pairs never span jobs:
+    its CSS needs its full mean), each with at most ``batch`` texts and ``batch`` pairs,
+    except a single group larger than that, which is a job of its own. This bounds a
+    worker's memory: ``[L, texts, dim]`` activations and ``[L, pairs, dim]`` differences
+    of one job."""
+    by_group: dict[int, list] = {}
+    for p in ps.pairs:
+        by_group.setdefault(p.group, []).append(p)
+    jobs: list[Job] = []
+    texts: dict[int, int] = {}  # global text index -> index in the job
+    pairs: list[tuple[int, int, float, int]] = []
+    n_groups = 0
+
+    def flush():
+        nonlocal texts, pairs, n_groups
+        if pairs:
+            order = sorted(texts, key=texts.get)
+            jobs.append(Job(texts=[ps.texts[t] for t in order], pairs=pairs))
+        texts, pairs, n_groups = {}, [], 0
+
+    for group in sorted(by_group):
+        members = by_group[group]
+        new_texts = {t for p in members for t in (p.pos, p.neg)}
+        if pairs and (len(texts) + len(new_texts) > batch or len(pairs) + len(members) > batch):
+            flush()
+        for p in members:
+            ip = texts.setdefault(p.pos, len(texts))
+            ineg = texts.setdefault(p.neg, len(texts))
+            pairs.append((ip, ineg, float(p.weight), n_groups))
+        n_groups += 1
+    flush()
+    return jobs
+
+
+def reduce_pairs(
+    acts: torch.Tensor,
+    pairs: list[tuple[int, int, float, int]],
+    mode: str,
+    grouped: bool,
+) -> dict[str, Any]:
+    """One job's partial sums from its texts' activations ``acts [L, texts, dim]``.
+
+    grouped:   ``sum = Σ_g CSS(μ_g)`` over the job's groups, ``count = G_job``
+    ungrouped: ``sum = Σ_i w_i d_i``, ``count = Σ_i w_i`` (CSS comes after the total)
+
+    ``d_i = acts[:, pos_i] - acts[:, neg_i]`` (ROC differences), reduced by
+    ``roast_vllm.kernels.grouped_css``. Returns ``{"sum": [L, dim] fp32, "count",
+    "n_pairs", "n_groups"}``.
+    """
+    pos = torch.tensor([p[0] for p in pairs], dtype=torch.long, device=acts.device)
+    neg = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=acts.device)
+    w = torch.tensor([p[2] for p in pairs], dtype=torch.float32, device=acts.device)
+    g = torch.tensor([p[3] for p in pairs], dtype=torch.long, device=acts.device)
+    diffs = acts[:, pos] - acts[:, neg]  # [L, pairs, dim]
+    n_groups = int(torch.unique(g).numel())
+    if grouped:
+        total = grouped_css(diffs, w, g, mode=mode, grouped=True, reduction="sum")
+        count = float(n_groups)
+    else:
+        # the weighted mean times its weight: Σ w·d (one group, no CSS yet)
+        wsum = float(w.sum())
+        total = grouped_css(diffs, w, g, mode="none", grouped=False) * wsum
+        count = wsum
+    return {"sum": total.float().cpu(), "count": count, "n_pairs": len(pairs), "n_groups": n_groups}
+
+
+def capture_reduce(
+    w,
+    items: list[tuple[Any, str]],
+    pairs: list[tuple[int, int, float, int]],
+    layers: list[int],
+    site: str,
+    mode: str,
+    grouped: bool,
+) -> dict[str, Any]:
+    """Worker job: capture the last-token activations of ``prompt(q) ⊕ response`` for the
+    job's ``items`` (``w.capture_texts``) and reduce its pairs (``reduce_pairs``)."""
+    acts = w.capture_texts(items, layers, [site])[site]
+    return reduce_pairs(acts, pairs, mode, grouped)
+
+
+class PartialSum:
+    """The driver's running total of job partials: ``[L, dim]`` fp64 plus counts."""
+
+    def __init__(self, grouped: bool) -> None:
+        self.grouped = grouped
+        self.sum: torch.Tensor | None = None
+        self.count = 0.0
+        self.n_pairs = 0
+        self.n_groups = 0
+
+    def add(self, part: dict[str, Any]) -> None:
+        s = part["sum"].to(torch.float64)  # fp64: the total does not depend on job order
+        self.sum = s if self.sum is None else self.sum + s
+        self.count += part["count"]
+        self.n_pairs += part["n_pairs"]
+        self.n_groups += part["n_groups"]
+
+    def result(self, mode: str) -> torch.Tensor:
+        """``[L, dim]`` fp32: grouped ``(1/G) Σ_g CSS(μ_g)``, ungrouped ``CSS(Σ w·d / Σ w)``
+        (zero when every weight is zero)."""
+        if self.sum is None:
+            raise ValueError("no partial sums were added")
+        if self.count == 0:
+            return torch.zeros_like(self.sum, dtype=torch.float32)
+        mean = (self.sum / self.count).to(torch.float32)
+        return mean if self.grouped else css(mean, mode)
+
+
+def _site(opts: EstimateOptions) -> str:
+    site = "residual" if opts.method == "caa" else opts.site
+    if site not in ("residual", "mlp_act"):
+        raise ValueError(f"site={site!r}; use 'mlp_act' or 'residual'")
+    return site
+
+
+def _reduction(opts: EstimateOptions) -> tuple[str, bool, bool]:
+    """``(css mode, grouped, recss)`` of a method: CAA is the plain pooled mean."""
+    if opts.method == "caa":
+        return "none", False, False
+    return opts.css, opts.grouped, opts.recss
+
+
+def _vector(
+    v: torch.Tensor,
+    ps,
+    layers: list[int],
+    opts: EstimateOptions,
+    num_layers: int | None,
+    model_id: str | None,
+    provenance: dict[str, Any] | None,
+    **stats: Any,
+) -> SteeringVector:
+    """``v [len(layers), dim]`` -> ``SteeringVector`` with the run's provenance
+    (``recss`` applied here, to the merged vector)."""
+    mode, grouped, recss = _reduction(opts)
+    if recss:
+        v = css(v, mode)
+    prov = dict(provenance or {})
+    prov.update({"pairs": ps.stats, "options": asdict(opts)})
+    prov.update({"css": mode, "grouped": grouped, "recss": recss, "n_pairs": len(ps.pairs), **stats})
+    return SteeringVector(
+        directions={l: v[i] for i, l in enumerate(layers)},
+        site=_site(opts),
+        num_layers=num_layers,
+        model_id=model_id,
+        method=opts.method,
+        provenance=prov,
+    )
+
+
+def vector_from_activations(
+    ps,
+    acts: torch.Tensor,
+    layers: list[int],
+    opts: EstimateOptions,
+    num_layers: int | None = None,
+    model_id: str | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> SteeringVector:
+    """All in memory: ``acts [len(layers), len(ps.texts), dim]`` last-token activations of
+    the pair texts -> ROC differences ``d = acts[pos] - acts[neg]`` -> ``estimate_vector``.
+    The reference the streamed ``estimate_from_rollouts`` is tested against; it holds
+    ``[L, pairs, dim]`` at once, so keep it to small sets."""
+    if acts.shape[1] != len(ps.texts):
+        raise ValueError(f"acts has {acts.shape[1]} texts, the pair set {len(ps.texts)}")
+    pos = torch.tensor([p.pos for p in ps.pairs])
+    neg = torch.tensor([p.neg for p in ps.pairs])
+    diffs = acts[:, pos] - acts[:, neg]  # [L, pairs, dim]: ROC differences
+    weights = torch.tensor([p.weight for p in ps.pairs], dtype=torch.float32)
+    groups = torch.tensor([p.group for p in ps.pairs], dtype=torch.long)
+    mode, grouped, _ = _reduction(opts)
+    v = grouped_css(diffs, weights, groups, mode=mode, grouped=grouped)
+    n_groups = int(torch.unique(groups).numel()) if grouped else len(ps.qids)
+    return _vector(v, ps, layers, opts, num_layers, model_id, provenance, n_groups=n_groups)

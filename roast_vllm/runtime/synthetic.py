@@ -1,0 +1,55 @@
+"""A stand-in worker without an engine, for benchmarks and tests of the runtime itself.
+
+``SyntheticWorker`` answers ``capture_texts`` with deterministic pseudo-activations (one
+seeded draw per text, the same on any worker, in any batch) of the model's shapes, so the
+driver's job flow and the streaming reduction (``roast_vllm.methods.estimate``) can be run
+and measured at sizes no small machine could capture for real (driver memory at 50k
+pairs, ``benchmarks/bench_estimate_memory.py``). Its vectors mean nothing: never estimate
+a vector to use with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+
+
+class SyntheticWorker:
+    """``WorkerPool(..., worker_cls=SyntheticWorker)``: same constructor and job interface
+    as ``EngineWorker``; only ``capture_texts`` exists (no engine, no tokenizer)."""
+
+    def __init__(self, options, env: dict[str, str] | None = None) -> None:
+        from roast_vllm.engine.model_prep import default_model, model_dims
+
+        os.environ.update(env or {})
+        torch.set_num_threads(1)  # one core per actor, as an engine worker would take
+        self.options = options
+        self.dims = model_dims(options.model or default_model())
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def call(self, fn: str, *args, **kwargs):
+        from roast_vllm.runtime.pool import resolve_job
+
+        return resolve_job(fn)(self, *args, **kwargs)
+
+    def site_dim(self, site: str) -> int:
+        return self.dims["hidden_size"] if site == "residual" else self.dims["intermediate_size"]
+
+    def capture_texts(self, items: list, layers: list[int], sites: list[str]) -> dict:
+        """``{site: [len(layers), len(items), dim]}`` fp32, a function of each item's
+        ``(qid, response)`` text, the layer and the site only."""
+        out = {}
+        for site in sites:
+            acts = torch.empty(len(layers), len(items), self.site_dim(site))
+            for j, (q, response) in enumerate(items):
+                key = f"{site}\0{q.qid}\0{response}".encode()
+                seed = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") >> 1
+                acts[:, j] = torch.randn(
+                    max(layers) + 1, acts.shape[2], generator=torch.Generator().manual_seed(seed)
+                )[layers]
+            out[site] = acts
+        return out
