@@ -1,12 +1,13 @@
-"""Kernel benchmark: grouped_css (ROAST estimation) and steer_apply (serving add).
+"""Kernel benchmark: steer_apply (the serving add).
+
+grouped_css (ROAST estimation) has its own benchmark, benchmarks/bench_grouped_css.py
+(bandwidth against a device copy and a torch grouped sum, bit-identity, plots).
 
 First checks that the paths agree (torch reference vs torch.compile, and vs Triton when a
-GPU is present), then times them. On CPU only the torch paths are timed, on a realistic
-estimation size (default 100k pairs x 30 layers x 576, bf16); Triton timings need a GPU
-and are never reported without one. Writes CSV.
+GPU is present), then times them. On CPU only the torch paths are timed; Triton timings
+need a GPU and are never reported without one. Writes CSV.
 
     python benchmarks/bench_kernels.py                      # CPU: torch eager vs compile
-    python benchmarks/bench_kernels.py --pairs 20000        # smaller
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-from roast_vllm.kernels.grouped_css import grouped_css_ref, grouped_css_triton
 from roast_vllm.kernels.steer_apply import steer_apply_ref, steer_apply_triton
 
 
@@ -37,10 +37,7 @@ def timeit(fn, repeats: int = 3) -> float:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pairs", type=int, default=100_000)
-    p.add_argument("--layers", type=int, default=30)
     p.add_argument("--hidden", type=int, default=576)
-    p.add_argument("--pairs-per-question", type=int, default=16)
     p.add_argument("--tokens", type=int, default=256, help="tokens per serving step for steer_apply")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path("results/kernels.csv"))
@@ -49,41 +46,7 @@ def main(argv=None) -> None:
     rows = []
     gen = torch.Generator().manual_seed(0)
 
-    # ---- grouped_css
-    N, L, H = args.pairs, args.layers, args.hidden
-    print(f"grouped_css: D [{L}, {N}, {H}] bf16 on {dev} ({L * N * H * 2 / 2**30:.2f} GiB)")
-    D = torch.empty(L, N, H, dtype=torch.bfloat16, device=dev)
-    for l in range(L):  # fill layer by layer: no fp32 copy of the whole tensor
-        D[l] = torch.randn(N, H, generator=gen).to(D.device, torch.bfloat16)
-    w = (0.5 + torch.rand(N, generator=gen)).to(dev)
-    g = (torch.arange(N) // args.pairs_per_question).to(dev)
-    ref = grouped_css_ref(D, w, g)
-    compiled = torch.compile(grouped_css_ref, dynamic=False)
-    torch.testing.assert_close(compiled(D, w, g), ref, atol=1e-4, rtol=1e-3)
-    paths = {"torch eager": lambda: grouped_css_ref(D, w, g), "torch.compile": lambda: compiled(D, w, g)}
-    if dev == "cuda":
-        torch.testing.assert_close(grouped_css_triton(D, w, g), ref, atol=1e-4, rtol=1e-3)
-        paths["triton"] = lambda: grouped_css_triton(D, w, g)
-    print("  paths agree")
-    nbytes = D.numel() * D.element_size()
-    for name, fn in paths.items():
-        s = timeit(fn, args.repeats)
-        gbps = nbytes / s / 1e9
-        rows.append(
-            {
-                "op": "grouped_css",
-                "path": name,
-                "device": dev,
-                "shape": f"L{L} N{N} H{H} bf16",
-                "seconds": round(s, 4),
-                "GB_per_s_read": round(gbps, 2),
-            }
-        )
-        print(f"  {name:<14} {s * 1e3:9.1f} ms  ({gbps:.2f} GB/s of D)")
-    D = paths = None  # free the big tensor before the next op
-
-    # ---- steer_apply
-    T, S = args.tokens, 65
+    T, S, H = args.tokens, 65, args.hidden
     h = torch.randn(T, H, generator=gen).to(dev, torch.bfloat16)
     table = torch.randn(S, H, generator=gen).to(dev)
     slot = torch.randint(0, S, (T,), generator=gen).to(dev)
@@ -112,7 +75,6 @@ def main(argv=None) -> None:
                 "device": dev,
                 "shape": f"T{T} H{H} S{S} bf16",
                 "seconds": round(s, 6),
-                "GB_per_s_read": "",
             }
         )
         print(f"  {name:<14} {s * 1e6:9.1f} us")

@@ -2,7 +2,7 @@
 
 The ops are callable by their names::
 
-    roast_vllm.kernels.grouped_css(D, w, g, mode="max_norm", grouped=True)   # -> [L, H] fp32
+    roast_vllm.kernels.grouped_css(D, w, g, mode="max_norm", grouped=True, reduction="mean")  # [L, H]
     roast_vllm.kernels.steer_apply(h, table, slot, scale)                    # in place on h
     roast_vllm.kernels.steer_mlp_act(act, up, table, slot, scale)            # in place on act
 
