@@ -1,5 +1,6 @@
-"""Helpers shared by the ``roast-vllm`` commands: prompt files, layer lists, the chat
-template, engine and pool options from a command's arguments."""
+"""Helpers shared by the ``roast-vllm`` commands: prompt files, layer lists, scale lists,
+the data and engine options of the ROAST commands, engine and pool options from a
+command's arguments."""
 
 from __future__ import annotations
 
