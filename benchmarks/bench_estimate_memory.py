@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import subprocess
@@ -122,7 +123,7 @@ def run_one(n_pairs: int, mode: str, site: str, workers: int, batch: int) -> dic
         "base_rss_mib": round(mem.base / 2**20, 1),
         "activations_mib_if_gathered": round(n // 2 * len(layers) * v.shape[1] * 4 / 2**20, 1),
         "seconds": round(secs, 2),
-        "vector_sha": __import__("hashlib").sha256(v.numpy().tobytes()).hexdigest()[:16],
+        "vector_sha": hashlib.sha256(v.numpy().tobytes()).hexdigest()[:16],
         "vector_norm": float(v.norm()),
         "_vector": v.tolist() if n <= 2_000 else None,
     }

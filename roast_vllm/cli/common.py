@@ -56,7 +56,7 @@ def parse_layers(s: str | None) -> list[int] | None:
 
 
 def layers_arg(s: str | None) -> list[int] | None:
-
+    """``parse_layers`` for a ``--layers`` option: a bad list exits with the expected form."""
     try:
         return parse_layers(s)
     except ValueError:

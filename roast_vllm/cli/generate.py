@@ -67,6 +67,8 @@ def cmd_generate(args) -> None:
 
 
 def add_commands(sub) -> None:
+    from roast_vllm.engine.spec import POSITIONS
+
     s = sub.add_parser("generate", help="generate, optionally steered, or --compare both")
     s.add_argument("prompt", nargs="*")
     s.add_argument("--prompts-file", default=None)
@@ -74,9 +76,7 @@ def add_commands(sub) -> None:
     s.add_argument("--vector", default=None, help="a .safetensors SteeringVector")
     s.add_argument("--scale", type=float, default=1.0)
     s.add_argument("--layers", default=None, help="e.g. '8-20' (default: every layer of the vector)")
-    s.add_argument(
-        "--positions", default="all", choices=["all", "prompt", "generated", "last_prompt_and_generated"]
-    )
+    s.add_argument("--positions", default="all", choices=list(POSITIONS))
     s.add_argument("--compare", action="store_true", help="print unsteered and steered side by side")
     s.add_argument("--max-tokens", type=int, default=64)
     s.add_argument("--temperature", type=float, default=0.0)

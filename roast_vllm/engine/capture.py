@@ -16,8 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from roast_vllm.engine.tracker import CAPTURE_KEY
-
-SITES = ("residual", "mlp_act")
+from roast_vllm.vector import SITES
 
 
 def capture_activations(

@@ -51,24 +51,34 @@ def estimate_vector(
     if diffs.shape[0] != len(layers):
         raise ValueError(f"diffs has {diffs.shape[0]} layers but {len(layers)} layer ids were given")
     v = grouped_css(diffs, weights, groups, mode=mode, grouped=grouped)
+    provenance = dict(meta.pop("provenance", {}) or {})
+    provenance.update({"n_pairs": int(diffs.shape[1]), "n_groups": int(torch.unique(groups).numel())})
+    method = meta.pop("method", "roast")
+    return _as_vector(v, layers, mode, grouped, recss, site, num_layers, method, provenance, **meta)
+
+
+def _as_vector(
+    v: torch.Tensor,
+    layers: list[int],
+    mode: str,
+    grouped: bool,
+    recss: bool,
+    site: str,
+    num_layers: int | None,
+    method: str,
+    provenance: dict[str, Any],
+    **meta: Any,
+) -> SteeringVector:
+    """``v [len(layers), dim]`` -> ``SteeringVector``; ``recss`` is applied here, to the
+    merged vector, and the reduction is recorded in the provenance."""
     if recss:
         v = css(v, mode)
-    provenance = dict(meta.pop("provenance", {}) or {})
-    provenance.update(
-        {
-            "css": mode,
-            "grouped": grouped,
-            "recss": recss,
-            "n_pairs": int(diffs.shape[1]),
-            "n_groups": int(torch.unique(groups).numel()),
-        }
-    )
     return SteeringVector(
         directions={l: v[i] for i, l in enumerate(layers)},
         site=site,
         num_layers=num_layers,
-        method=meta.pop("method", "roast"),
-        provenance=provenance,
+        method=method,
+        provenance={**provenance, "css": mode, "grouped": grouped, "recss": recss},
         **meta,
     )
 
@@ -323,21 +333,17 @@ def _vector(
     provenance: dict[str, Any] | None,
     **stats: Any,
 ) -> SteeringVector:
-    """``v [len(layers), dim]`` -> ``SteeringVector`` with the run's provenance
-    (``recss`` applied here, to the merged vector)."""
+    """The streamed ``v [len(layers), dim]`` -> ``SteeringVector`` with the run's provenance."""
     mode, grouped, recss = _reduction(opts)
-    if recss:
-        v = css(v, mode)
-    prov = dict(provenance or {})
-    prov.update({"pairs": ps.stats, "options": asdict(opts)})
-    prov.update({"css": mode, "grouped": grouped, "recss": recss, "n_pairs": len(ps.pairs), **stats})
-    return SteeringVector(
-        directions={l: v[i] for i, l in enumerate(layers)},
-        site=_site(opts),
-        num_layers=num_layers,
-        model_id=model_id,
-        method=opts.method,
-        provenance=prov,
+    prov = {
+        **(provenance or {}),
+        "pairs": ps.stats,
+        "options": asdict(opts),
+        "n_pairs": len(ps.pairs),
+        **stats,
+    }
+    return _as_vector(
+        v, layers, mode, grouped, recss, _site(opts), num_layers, opts.method, prov, model_id=model_id
     )
 
 
@@ -361,7 +367,19 @@ def vector_from_activations(
     diffs = acts[:, pos] - acts[:, neg]  # [L, pairs, dim]: ROC differences
     weights = torch.tensor([p.weight for p in ps.pairs], dtype=torch.float32)
     groups = torch.tensor([p.group for p in ps.pairs], dtype=torch.long)
-    mode, grouped, _ = _reduction(opts)
-    v = grouped_css(diffs, weights, groups, mode=mode, grouped=grouped)
-    n_groups = int(torch.unique(groups).numel()) if grouped else len(ps.qids)
-    return _vector(v, ps, layers, opts, num_layers, model_id, provenance, n_groups=n_groups)
+    mode, grouped, recss = _reduction(opts)
+    prov = {**(provenance or {}), "pairs": ps.stats, "options": asdict(opts)}
+    return estimate_vector(
+        diffs,
+        weights,
+        groups,
+        layers,
+        mode=mode,
+        grouped=grouped,
+        site=_site(opts),
+        num_layers=num_layers,
+        recss=recss,
+        model_id=model_id,
+        method=opts.method,
+        provenance=prov,
+    )

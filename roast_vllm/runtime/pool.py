@@ -202,7 +202,7 @@ class WorkerPool:
 
     def close(self) -> None:
         if self._local is not None:
-            if self._owned and getattr(self._local, "llm", None) is not None:
+            if self._owned and self._local.llm is not None:  # None: a stand-in without an engine
                 from roast_vllm.engine.llm import shutdown
 
                 shutdown(self._local.llm)

@@ -15,36 +15,29 @@ import os
 
 import torch
 
+from roast_vllm.engine.llm import site_dim
+from roast_vllm.runtime.pool import EngineWorker
 
-class SyntheticWorker:
-    """``WorkerPool(..., worker_cls=SyntheticWorker)``: same constructor and job interface
-    as ``EngineWorker``; only ``capture_texts`` exists (no engine, no tokenizer)."""
+
+class SyntheticWorker(EngineWorker):
+    """``WorkerPool(..., worker_cls=SyntheticWorker)``: an ``EngineWorker`` without an
+    engine (``llm`` and ``tok`` are None); only ``capture_texts`` answers, with
+    pseudo-activations."""
 
     def __init__(self, options, env: dict[str, str] | None = None) -> None:
         from roast_vllm.engine.model_prep import default_model, model_dims
 
         os.environ.update(env or {})
         torch.set_num_threads(1)  # one core per actor, as an engine worker would take
-        self.options = options
+        self.options, self.llm, self.tok, self._vectors = options, None, None, {}
         self.dims = model_dims(options.model or default_model())
-
-    def ping(self) -> int:
-        return os.getpid()
-
-    def call(self, fn: str, *args, **kwargs):
-        from roast_vllm.runtime.pool import resolve_job
-
-        return resolve_job(fn)(self, *args, **kwargs)
-
-    def site_dim(self, site: str) -> int:
-        return self.dims["hidden_size"] if site == "residual" else self.dims["intermediate_size"]
 
     def capture_texts(self, items: list, layers: list[int], sites: list[str]) -> dict:
         """``{site: [len(layers), len(items), dim]}`` fp32, a function of each item's
         ``(qid, response)`` text, the layer and the site only."""
         out = {}
         for site in sites:
-            acts = torch.empty(len(layers), len(items), self.site_dim(site))
+            acts = torch.empty(len(layers), len(items), site_dim(self.dims, site))
             for j, (q, response) in enumerate(items):
                 key = f"{site}\0{q.qid}\0{response}".encode()
                 seed = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") >> 1
