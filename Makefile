@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint format bench bench-kernels bench-roast clean bench-decode bench-grouped-css bench-estimate-memory
+.PHONY: setup demo test test-fast lint format bench bench-kernels bench-roast clean bench-decode bench-grouped-css bench-estimate-memory bench-interleaved
 
 setup: $(VENV)/.installed
 
@@ -47,6 +47,10 @@ format: setup
 
 bench: setup
 	$(PY) benchmarks/bench_throughput.py
+
+# engines alive together, rounds of every condition back to back (resolves a few percent)
+bench-interleaved: setup
+	VLLM_CPU_KVCACHE_SPACE=2 $(PY) benchmarks/bench_throughput.py --interleaved 8 --ks 64 --num-prompts 128
 
 bench-kernels: setup
 	$(PY) benchmarks/bench_kernels.py

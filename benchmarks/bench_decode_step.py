@@ -52,8 +52,12 @@ How it is timed
     within a round, so drift between rounds cancels).
     CPU: the eager step, timed with time.perf_counter, same interleaving; small widths
     (H=256, I=768, 2 layers, fp32, 1 thread by default) so CI runs it in seconds. The CPU
-    steering ops are the pure-torch references (every row computed, then selected), so
-    CPU ratios are no estimate of the GPU's.
+    steering ops are the torch rows paths (steered rows gathered, updated and written
+    back; nothing but a scan of the slots when none is steered), so CPU ratios are no
+    estimate of the GPU's. ``--compile`` times the whole step compiled by inductor instead
+    (as vLLM's compile mode runs the model on CPU: the ops are opaque custom-op calls in
+    the graph); its check asserts unsteered rows bit-identical with and without steered
+    neighbours in the compiled graph and the two graphs equal within tolerance.
 
 Correctness check (``--check`` runs only this; it always runs before timing)
     stock == none_steered bit for bit; in ``steered``, every unsteered row is bit-identical
@@ -393,10 +397,19 @@ def check_graphs(gp: GraphPair, pattern_dev: torch.Tensor, zeros_dev: torch.Tens
 
 
 # ---------------------------------------------------------------- timing
-def _runners(p: Proxy, B: int, pattern: torch.Tensor, gp: GraphPair | None):
+def _runners(p: Proxy, B: int, pattern: torch.Tensor, gp: GraphPair | None, compiled: bool = False):
     slot = p.token_slot[:B]
     pattern = pattern.to(p.device)
     zeros = torch.zeros_like(pattern)
+    if compiled:
+        # one graph without the ops, one with them: token_slot is a buffer read by address,
+        # so none_steered and steered run the same compiled code (as in vLLM's compile mode)
+        stock, ops = compiled_steps(p, B)
+        return {
+            "stock": stock,
+            "none_steered": lambda: (slot.copy_(zeros), ops()),
+            "steered": lambda: (slot.copy_(pattern), ops()),
+        }
     if gp is not None:
         return {
             "stock": gp.g_stock.replay,
@@ -410,6 +423,51 @@ def _runners(p: Proxy, B: int, pattern: torch.Tensor, gp: GraphPair | None):
         return lambda: (slot.copy_(src), p.step(B, live_ops()))
 
     return {"stock": eager(None), "none_steered": eager(zeros), "steered": eager(pattern)}
+
+
+_compiled: dict = {}
+
+
+def compiled_steps(p: Proxy, B: int):
+    """``(stock, with_ops)``: the step compiled by inductor without and with the steering
+    ops (fixed shapes, one graph each; compiled once per proxy and batch)."""
+    key = (id(p), B)
+    if key in _compiled:
+        return _compiled[key]
+
+    def stock_step():
+        return p.step(B)
+
+    def ops_step():
+        return p.step(B, live_ops())
+
+    c = dict(backend="inductor", fullgraph=True, dynamic=False)
+    _compiled[key] = torch.compile(stock_step, **c), torch.compile(ops_step, **c)
+    return _compiled[key]
+
+
+def check_compiled(p: Proxy, B: int, pattern: torch.Tensor, eager: dict, tol: float) -> dict:
+    """The compiled steps agree: in the graph with the ops, unsteered rows are bit-identical
+    with and without steered neighbours, steered rows change and match the eager steered
+    step within ``tol``; the two graphs (stock, with ops) agree within ``tol`` with nothing
+    steered (bit for bit only where inductor happens to fuse both alike, so not asserted)."""
+    stock_fn, ops_fn = compiled_steps(p, B)
+    slot = p.token_slot[:B]
+    with torch.no_grad():
+        slot.zero_()
+        stock = stock_fn().clone()
+        none = ops_fn().clone()
+        slot.copy_(pattern)
+        steered = ops_fn().clone()
+        slot.zero_()
+    info = compare(f"compiled, batch {B}", none, none, steered, pattern != 0, tol, eager["steered"])
+    info["none_vs_stock_rel_err"] = _rel_err(none, stock)
+    info["none_equals_stock_bitwise"] = bool(torch.equal(none, stock))
+    if not info["none_vs_stock_rel_err"] <= tol:
+        raise CheckFailed(
+            f"compiled, batch {B}: none_steered vs stock rel. error {info['none_vs_stock_rel_err']:.3g}"
+        )
+    return {f"compiled_{k}": v for k, v in info.items()}
 
 
 def _time_ms(fn, iters: int, cuda: bool) -> float:
@@ -587,6 +645,12 @@ def parse_args(argv=None):
         help="torch.compile the norms and SiluAndMul (auto: on for CUDA)",
     )
     p.add_argument("--no-graph", action="store_true", help="CUDA: time the eager step (no CUDA graphs)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="CPU: time the whole step compiled by torch.compile (inductor), as vLLM's compile "
+        "mode runs the model; each condition is its own compiled graph",
+    )
     p.add_argument("--check", action="store_true", help="run the correctness check only")
     p.add_argument(
         "--threads",
@@ -638,7 +702,9 @@ def run(args) -> dict:
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     proxy = Proxy(shapes, dtype, args.device, max(args.batches), args.seed, fuse)
-    mode = "CUDA graphs" if use_graphs else "eager"
+    if args.compile and cuda:
+        raise SystemExit("--compile is the CPU mode; on CUDA the step is timed as CUDA graph replays")
+    mode = "CUDA graphs" if use_graphs else ("compiled" if args.compile else "eager")
     print(
         f"decode step proxy on {_device_name(cuda)} ({args.device}, {mode}, fuse={fuse}): {asdict(shapes)}, "
         f"{args.dtype}, batches {args.batches}"
@@ -655,13 +721,17 @@ def run(args) -> dict:
         eager = check_eager(proxy, B, pattern)
         checks[B] = dict(eager["info"])
         gp = None
+        if args.compile:
+            checks[B].update(check_compiled(proxy, B, pattern, eager, _tolerance(dtype)))
         if use_graphs:
             gp = GraphPair(proxy, B)
             checks[B].update(check_graphs(gp, pattern, torch.zeros_like(pattern), eager, _tolerance(dtype)))
         if args.check:
             print(f"  batch {B}: checks pass {checks[B]}")
             continue
-        samples = time_conditions(_runners(proxy, B, pattern, gp), args.iters, args.repeats, cuda, bar)
+        samples = time_conditions(
+            _runners(proxy, B, pattern, gp, args.compile), args.iters, args.repeats, cuda, bar
+        )
         med = {c: statistics.median(samples[c]) for c in CONDITIONS}
         rows.append(
             {
@@ -697,7 +767,9 @@ def run(args) -> dict:
         "git": _git_rev(),
         "dtype": args.dtype,
         "shapes": asdict(shapes),
-        "timing": "CUDA graph replays, CUDA events" if use_graphs else "eager steps, time.perf_counter",
+        "timing": "CUDA graph replays, CUDA events"
+        if use_graphs
+        else f"{'inductor-compiled' if args.compile else 'eager'} steps, time.perf_counter",
         "kernels": {m.__name__: str(Path(m.__file__).resolve()) for m in (_sa, _sm)},
         "fused_elementwise": fuse,
         "cpu_threads": None if cuda else torch.get_num_threads(),
@@ -722,7 +794,7 @@ def run(args) -> dict:
             met=at[0]["steered_over_stock"] >= TARGET_RATIO, note=f"measured on {meta['device']}"
         )
     meta["seconds_total"] = round(time.perf_counter() - t0, 1)
-    tag = "cuda" if cuda else "cpu"
+    tag = "cuda" if cuda else ("cpu_compiled" if args.compile else "cpu")
     paths = write_outputs(args.out, tag, meta, rows)
     print()
     print(_table(rows))
@@ -734,7 +806,7 @@ def run(args) -> dict:
             f"({at[0]['steered_over_stock']:.4f}, measured on {meta['device']})"
         )
     elif not cuda:
-        print("CPU timing at small widths (eager): says nothing about the GPU target.")
+        print(f"CPU timing ({mode}): says nothing about the GPU target.")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return {"meta": meta, "rows": rows, "paths": paths}
 

@@ -10,6 +10,10 @@ residual and the ``mlp_act`` site. Writes CSV, JSON (every run) and a PNG plot.
     python benchmarks/bench_throughput.py                 # compile mode (vLLM default)
     python benchmarks/bench_throughput.py --eager         # -> throughput_eager.*
     python benchmarks/bench_throughput.py --dtype bfloat16 -tp 2   # any vLLM engine argument
+    python benchmarks/bench_throughput.py --interleaved 8 --ks 64 --num-prompts 128
+        # engines alive together, 8 rounds of every (engine, condition) one after another:
+        # resolves a few percent where engine pairs (each engine its own start) cannot
+        # -> throughput_interleaved.*
 """
 
 from __future__ import annotations
@@ -31,6 +35,14 @@ def main(argv=None) -> None:
     p.add_argument("--scale", type=float, default=4.0)
     p.add_argument("--repeats", type=int, default=3, help="engine pairs (>= 3)")
     p.add_argument("--eager", action="store_true", help="enforce_eager (default: vLLM's compile mode)")
+    p.add_argument(
+        "--interleaved",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="start stock (default runner), stock (V1 runner) and the steering engine once, all "
+        "alive, and run ROUNDS rounds of every condition back to back (0: engine pairs)",
+    )
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--out", type=Path, default=Path("results/throughput"))
@@ -56,7 +68,13 @@ def main(argv=None) -> None:
 
     from roast_vllm.engine.args import default_dtype
     from roast_vllm.engine.model_prep import default_model
-    from roast_vllm.engine.throughput import BenchConfig, measure_paired, print_table, write_results
+    from roast_vllm.engine.throughput import (
+        BenchConfig,
+        measure_interleaved,
+        measure_paired,
+        print_table,
+        write_results,
+    )
 
     model = args.model or default_model()
     kwargs = dict(
@@ -80,7 +98,10 @@ def main(argv=None) -> None:
         scale=args.scale,
         repeats=args.repeats,
     )
-    rows, runs = measure_paired(cfg)
+    if args.interleaved:
+        rows, runs = measure_interleaved(cfg, args.interleaved)
+    else:
+        rows, runs = measure_paired(cfg)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     mode = "eager" if args.eager else "compile"
     meta = {
@@ -89,14 +110,17 @@ def main(argv=None) -> None:
         "engine_kwargs": {k: str(v) for k, v in kwargs.items()},
         "num_prompts": args.num_prompts,
         "max_tokens": args.max_tokens,
-        "repeats": args.repeats,
+        "repeats": args.interleaved or args.repeats,
+        "unit": "interleaved rounds" if args.interleaved else "engine pairs",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads",
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "device_name": device,
         "command": "python benchmarks/bench_throughput.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    stem = "throughput" if mode == "compile" else "throughput_eager"
+    stem = ("throughput" if mode == "compile" else "throughput_eager") + (
+        "_interleaved" if args.interleaved else ""
+    )
     write_results(rows, runs, meta, args.out, stem)
     print_table(rows, meta)
     print(f"wrote {args.out}/{stem}.csv, .json, .png")

@@ -11,9 +11,15 @@ Shapes: ``h [T, H]`` (bf16/fp16/fp32), ``table [S, H]`` (one layer's rows; row 0
 conventionally zeros), ``slot [T]`` int, ``scale [S]`` float. Position scope is encoded
 in ``slot``: a token outside its request's scope gets slot 0.
 
-Layers: Triton kernel -> launcher ``steer_apply_triton`` -> ``steer_apply`` (Triton for
-CUDA tensors, torch elsewhere). ``steer_apply_ref`` is the pure-torch reference; it has no
-data-dependent shapes, so torch.compile fuses it into one kernel on CPU.
+Layers: Triton kernel -> launcher ``steer_apply_triton`` -> custom op
+``torch.ops.roast_vllm.steer_apply`` -> ``steer_apply``. ``steer_apply_ref`` is the
+pure-torch reference (every row computed, then selected) that the tests compare against;
+``steer_apply_rows`` is the torch path the engine runs off CUDA: it finds the steered rows
+and touches only them, so a step with no steered token costs one scan of ``slot``.
+
+Inside torch.compile (vLLM's compile mode) the op is always the opaque custom op, on CPU
+too: traced, the work would be baked into the graph and paid on every token of every step
+whether or not anything is steered; opaque, it decides at run time from ``slot``.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from __future__ import annotations
 import functools
 
 import torch
-from roast_vllm.kernels.dispatch import use_triton
+from roast_vllm.kernels.dispatch import register_op, use_triton
 
 _EPS = 1e-12
 
@@ -46,11 +52,35 @@ def steer_apply_ref(
 ) -> torch.Tensor:
     """Pure-torch reference; modifies and returns ``h``."""
     s = slot.long()
-    x = h.float()
-    y = x + table.index_select(0, s).float() * scale.index_select(0, s).float()[:, None]
-    if energy_preserving:
-        y = y * (x.norm(dim=-1, keepdim=True) / y.norm(dim=-1, keepdim=True).clamp_min(_EPS))
+    y = _steered(h.float(), table, s, scale, energy_preserving)
     h.copy_(torch.where((s != 0)[:, None], y.to(h.dtype), h))
+    return h
+
+
+def _steered(x: torch.Tensor, table: torch.Tensor, s: torch.Tensor, scale: torch.Tensor, energy: bool):
+    """The steered rows ``[n, H]`` fp32 for rows ``x [n, H]`` fp32 with slots ``s [n]``."""
+    y = x + table.index_select(0, s).float() * scale.index_select(0, s).float()[:, None]
+    if energy:
+        y = y * (x.norm(dim=-1, keepdim=True) / y.norm(dim=-1, keepdim=True).clamp_min(_EPS))
+    return y
+
+
+def steer_apply_rows(
+    h: torch.Tensor,
+    table: torch.Tensor,
+    slot: torch.Tensor,
+    scale: torch.Tensor,
+    energy_preserving: bool = False,
+) -> torch.Tensor:
+    """Torch path over the steered rows only (same math as the reference, row by row);
+    returns ``h`` untouched after one scan of ``slot`` when no token is steered. Its shapes
+    depend on the data (``nonzero``): it runs eagerly or inside the opaque custom op."""
+    idx = slot.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return h
+    s = slot.index_select(0, idx).long()
+    y = _steered(h.index_select(0, idx).float(), table, s, scale, energy_preserving)
+    h.index_copy_(0, idx, y.to(h.dtype))
     return h
 
 
@@ -123,32 +153,35 @@ def steer_apply(
     scale: torch.Tensor,
     energy_preserving: bool = False,
 ) -> torch.Tensor:
-    """In-place per-token steering add: Triton on CUDA, torch elsewhere. Returns ``h``."""
-    if use_triton(h):
-        return torch.ops.roast_vllm.steer_apply(h, table, slot, scale, energy_preserving) or h
-    return steer_apply_ref(h, table, slot, scale, energy_preserving)
+    """In-place per-token steering add: Triton on CUDA, torch elsewhere (steered rows
+    only). Under torch.compile always the opaque custom op. Returns ``h``."""
+    if use_triton(h) or torch.compiler.is_compiling():
+        torch.ops.roast_vllm.steer_apply(h, table, slot, scale, energy_preserving)
+        return h
+    return steer_apply_rows(h, table, slot, scale, energy_preserving)
 
 
 @functools.cache
 def register_custom_op() -> None:
-    """``torch.ops.roast_vllm.steer_apply``: the Triton launch as an opaque, in-place op
-    that torch.compile (and so vLLM's compiled graph) can hold on CUDA."""
+    """``torch.ops.roast_vllm.steer_apply``: an opaque, in-place op that torch.compile (and
+    so vLLM's compiled graph) holds as one call: the Triton launch on CUDA (slot-0 tokens
+    leave after one read), ``steer_apply_rows`` elsewhere."""
 
-    @torch.library.custom_op("roast_vllm::steer_apply", mutates_args=("h",))
     def _op(
         h: torch.Tensor, table: torch.Tensor, slot: torch.Tensor, scale: torch.Tensor, energy_preserving: bool
     ) -> None:
         if use_triton(h):
             steer_apply_triton(h, table, slot, scale, energy_preserving)
         else:
-            steer_apply_ref(h, table, slot, scale, energy_preserving)
+            steer_apply_rows(h, table, slot, scale, energy_preserving)
 
-    @_op.register_fake
-    def _(h, table, slot, scale, energy_preserving) -> None:
+    def _fake(h, table, slot, scale, energy_preserving) -> None:
         return None
+
+    register_op("steer_apply", _op, ("h",), _fake)
 
 
 try:  # registering needs only torch; the Triton kernel itself is built on first CUDA launch
     register_custom_op()
-except Exception:  # pragma: no cover - very old torch without torch.library.custom_op
+except Exception:  # pragma: no cover - a torch without torch.library's schema inference
     pass

@@ -17,10 +17,12 @@ dtype with unit column stride; it is usually the view ``gate_up[:, I:]`` of the
 int32/int64, ``scale [S]`` fp32. Position scope is encoded in ``slot``: a token outside
 its request's scope gets slot 0.
 
-Layers, as in ``steer_apply``: Triton kernel -> launcher ``steer_mlp_act_triton`` ->
-``steer_mlp_act`` (the custom op ``torch.ops.roast_vllm.steer_mlp_act`` for CUDA tensors,
-torch elsewhere). ``steer_mlp_act_ref`` is the pure-torch reference; it has no
-data-dependent shapes, so torch.compile fuses it into one kernel on CPU.
+Layers, as in ``steer_apply``: Triton kernel -> launcher ``steer_mlp_act_triton`` -> custom
+op ``torch.ops.roast_vllm.steer_mlp_act`` -> ``steer_mlp_act``. ``steer_mlp_act_ref`` is the
+pure-torch reference the tests compare against; ``steer_mlp_act_rows`` is the torch path off
+CUDA (steered rows only; nothing but a scan of ``slot`` when no token is steered). Under
+torch.compile the op is always the opaque custom op, on CPU too, so an unsteered step skips
+the work at run time instead of running it baked into the graph.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from __future__ import annotations
 import functools
 
 import torch
-from roast_vllm.kernels.dispatch import use_triton
+from roast_vllm.kernels.dispatch import register_op, use_triton
 
 # Columns per program. The intermediate width I reaches 27648 (and TP shards of it), far
 # past what one program should hold in registers, so the grid tiles I instead of using
@@ -66,6 +68,22 @@ def steer_mlp_act_ref(
     delta = table.index_select(0, s).float() * scale.index_select(0, s).float()[:, None]
     y = act.float() + delta * up.float()
     act.copy_(torch.where((s != 0)[:, None], y.to(act.dtype), act))
+    return act
+
+
+def steer_mlp_act_rows(
+    act: torch.Tensor, up: torch.Tensor, table: torch.Tensor, slot: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """Torch path over the steered rows only (the reference's math, row by row); ``act`` is
+    untouched after one scan of ``slot`` when no token is steered. Data-dependent shapes:
+    runs eagerly or inside the opaque custom op."""
+    idx = slot.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return act
+    s = slot.index_select(0, idx).long()
+    delta = table.index_select(0, s).float() * scale.index_select(0, s).float()[:, None]
+    y = act.index_select(0, idx).float() + delta * up.index_select(0, idx).float()
+    act.index_copy_(0, idx, y.to(act.dtype))
     return act
 
 
@@ -142,32 +160,35 @@ def steer_mlp_act(
     act: torch.Tensor, up: torch.Tensor, table: torch.Tensor, slot: torch.Tensor, scale: torch.Tensor
 ) -> torch.Tensor:
     """In-place ``act += scale[slot] * table[slot] * up`` on steered rows: Triton on CUDA,
-    torch elsewhere. Returns ``act``."""
-    if use_triton(act):
-        return torch.ops.roast_vllm.steer_mlp_act(act, up, table, slot, scale) or act
-    return steer_mlp_act_ref(act, up, table, slot, scale)
+    torch elsewhere (steered rows only). Under torch.compile always the opaque custom op.
+    Returns ``act``."""
+    if use_triton(act) or torch.compiler.is_compiling():
+        torch.ops.roast_vllm.steer_mlp_act(act, up, table, slot, scale)
+        return act
+    return steer_mlp_act_rows(act, up, table, slot, scale)
 
 
 @functools.cache
 def register_custom_op() -> None:
-    """``torch.ops.roast_vllm.steer_mlp_act``: the Triton launch as an opaque, in-place op
-    that torch.compile (and so vLLM's compiled graph) can hold on CUDA."""
+    """``torch.ops.roast_vllm.steer_mlp_act``: an opaque, in-place op that torch.compile (and
+    so vLLM's compiled graph) holds as one call: the Triton launch on CUDA,
+    ``steer_mlp_act_rows`` elsewhere."""
 
-    @torch.library.custom_op("roast_vllm::steer_mlp_act", mutates_args=("act",))
     def _op(
         act: torch.Tensor, up: torch.Tensor, table: torch.Tensor, slot: torch.Tensor, scale: torch.Tensor
     ) -> None:
         if use_triton(act):
             steer_mlp_act_triton(act, up, table, slot, scale)
         else:
-            steer_mlp_act_ref(act, up, table, slot, scale)
+            steer_mlp_act_rows(act, up, table, slot, scale)
 
-    @_op.register_fake
-    def _(act, up, table, slot, scale) -> None:
+    def _fake(act, up, table, slot, scale) -> None:
         return None
+
+    register_op("steer_mlp_act", _op, ("act",), _fake)
 
 
 try:  # registering needs only torch; the Triton kernel itself is built on first CUDA launch
     register_custom_op()
-except Exception:  # pragma: no cover - very old torch without torch.library.custom_op
+except Exception:  # pragma: no cover - a torch without torch.library's schema inference
     pass

@@ -56,3 +56,70 @@ def test_write_results(tmp_path):
         (tmp_path / "throughput.csv").read_text().splitlines()[0].startswith("condition,tokens_per_s,ratio")
     )
     assert (tmp_path / "throughput.png").stat().st_size > 1000
+
+
+def test_interleaved_rounds_run_every_engine_and_condition_once(monkeypatch):
+    """``measure_interleaved`` starts stock (default runner), stock on the V1 runner and the
+    steering engine once; warms each (engine, condition) up once; each round times each of
+    them once, in an order rotated by the round; ratios pair runs of the same round; every
+    engine is shut down, also after a failure."""
+    import roast_vllm.engine.llm as llm_mod
+    import roast_vllm.engine.throughput as tp
+
+    class Engine:
+        def __init__(self, name, speed):
+            self.name, self.speed, self.warm, self.closed = name, speed, 0, False
+
+        def generate(self, prompts, params, use_tqdm=False):
+            self.warm += 1
+
+    started: list[Engine] = []
+
+    def start_stock(cfg, env_runner):
+        e = Engine(f"stock runner={env_runner}", 100.0 if env_runner is None else 90.0)
+        started.append(e)
+        return e
+
+    def start_steering(cfg):
+        e = Engine("steering", 95.0)
+        started.append(e)
+        return e, {"residual": [f"v{i}" for i in range(2)]}
+
+    timed = []
+    drift = iter(range(1000))
+
+    def _timed(llm, prompts, params):
+        steered = params[0].extra_args is not None
+        timed.append((llm.name, steered))
+        base = llm.speed * (0.9 if steered else 1.0)
+        return base * (1 + next(drift) // 4 * 0.5)  # the machine is 50% faster each round
+
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    monkeypatch.setattr(tp, "start_stock", start_stock)
+    monkeypatch.setattr(tp, "start_steering", start_steering)
+    monkeypatch.setattr(tp, "_timed", _timed)
+    monkeypatch.setattr(llm_mod, "shutdown", lambda e: setattr(e, "closed", True))
+    cfg = BenchConfig(model="m", engine_kwargs={}, num_prompts=4, ks=[2], sites=["residual"])
+    rows, runs = tp.measure_interleaved(cfg, rounds=3)
+    assert [e.name for e in started] == ["stock runner=None", "stock runner=0", "steering"]
+    assert all(e.closed for e in started)
+    assert [e.warm for e in started] == [1, 1, 2]  # steering: nothing steered, K=2
+    jobs = [tp.STOCK, tp.STOCK_V1, NOTHING, condition_name(2, "residual")]
+    assert len(runs) == 3 and all(list(r["tokens_per_s"]) == jobs for r in runs)
+    assert [r["order"][0] for r in runs] == jobs[:3]  # rotated
+    by = {r["condition"]: r for r in rows}
+    assert [r["condition"] for r in rows] == jobs
+    # drift between rounds cancels in the paired ratios (unpaired medians would not)
+    assert by[tp.STOCK_V1]["paired_ratios"] == [0.9] * 3
+    assert by[NOTHING]["ratio"] == pytest.approx(0.95)
+    assert by[condition_name(2, "residual")]["ratio"] == pytest.approx(0.95 * 0.9)
+    assert by[tp.STOCK]["tokens_per_s"] == 150.0
+
+    def boom(cfg):
+        raise RuntimeError("engine failed to start")
+
+    started.clear()
+    monkeypatch.setattr(tp, "start_steering", boom)
+    with pytest.raises(RuntimeError, match="failed to start"):
+        tp.measure_interleaved(cfg, rounds=1)
+    assert len(started) == 2 and all(e.closed for e in started)

@@ -21,10 +21,12 @@ state or on attention metadata, so a replayed full CUDA graph reads the right sl
 Why this layout: inside the compiled graph each layer does one fused gather-add,
 ``h[t] += slot_scale[s] * table[l, s]`` with ``s = token_slot[t]`` (the
 ``roast_vllm.kernels.steer_apply`` op: Triton on CUDA, torch on CPU), reading tensors that
-are updated in place, so
-torch.compile never bakes a vector or a batch composition into the graph, and any mix
-of requests (steered or not, prefill chunks and decodes) runs in one batch. Rows whose
-slot is 0 are left untouched, bit for bit.
+are updated in place, so torch.compile never bakes a vector or a batch composition into the
+graph, and any mix of requests (steered or not, prefill chunks and decodes) runs in one
+batch. Rows whose slot is 0 are left untouched, bit for bit. A compiled graph (and a CUDA
+graph) holds the op as one opaque call that decides from ``token_slot`` at run time: on
+CUDA an unsteered token costs its kernel program one slot read, on CPU an unsteered step
+costs one scan of ``token_slot`` per op; eager steps with no steered row skip the call.
 
 ``mlp_act`` steering adds ``delta`` to SiLU(gate) before the multiply by ``up``; since
 ``(SiLU(g) + delta) * up = SiluAndMul(g, up) + delta * up``, the stock fused activation
@@ -482,8 +484,8 @@ class SteeringState(nn.Module):
         return not self.step_steered
 
     def apply(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        """Steer ``h [n, H]`` (the stream after ``layer``) in place; traced into the
-        compiled graph, where it reads the live buffers."""
+        """Steer ``h [n, H]`` (the stream after ``layer``) in place; in a compiled graph one
+        opaque op call that reads the live buffers."""
         if self._eager_skip(h):
             return h
         return steer_apply(h, self.table[layer], self.token_slot[: h.shape[0]], self.slot_scale)

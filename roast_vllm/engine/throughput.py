@@ -13,6 +13,9 @@ min-max.
 Conditions on the steering engine: nothing steered (the price of having steering
 available), and every layer steered with K distinct per-request vectors for each K, at
 each site (``residual``, ``mlp_act``): request ``i`` uses vector ``i mod K``.
+``measure_interleaved`` is the finer design: the engines are started once and stay up
+together, and rounds run every (engine, condition) back to back, so a ratio pairs runs
+seconds apart on the same engine instances (``bench_throughput.py --interleaved``).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ TOPICS = [
 ]
 
 STOCK = "stock vLLM"
+STOCK_V1 = "stock vLLM, V1 model runner"
 NOTHING = "nothing steered"
 
 
@@ -97,18 +101,24 @@ def _timed(llm, prompts: list[str], params: list) -> float:
     return sum(len(o.outputs[0].token_ids) for o in outs) / dt
 
 
-def run_stock(cfg: BenchConfig, prompts: list[str], env_runner: str | None) -> dict[str, float]:
-    """Start stock vLLM, warm up, time one run, shut down; ``{STOCK: tokens/s}``."""
+def start_stock(cfg: BenchConfig, env_runner: str | None):
+    """Stock ``vllm.LLM`` on the model runner ``VLLM_USE_V2_MODEL_RUNNER=env_runner`` picks
+    (None: vLLM's own default; the steering engine pins V1)."""
     import vllm
 
-    from roast_vllm.engine.llm import shutdown
-
-    # stock runs on vLLM's own default model runner (the steering engine pins V1)
+    # read by the engine core process this call starts
     if env_runner is None:
         os.environ.pop("VLLM_USE_V2_MODEL_RUNNER", None)
     else:
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = env_runner
-    llm = vllm.LLM(model=cfg.model, **cfg.engine_kwargs)
+    return vllm.LLM(model=cfg.model, **cfg.engine_kwargs)
+
+
+def run_stock(cfg: BenchConfig, prompts: list[str], env_runner: str | None) -> dict[str, float]:
+    """Start stock vLLM, warm up, time one run, shut down; ``{STOCK: tokens/s}``."""
+    from roast_vllm.engine.llm import shutdown
+
+    llm = start_stock(cfg, env_runner)
     try:
         # as many warm-up runs as the steering engine gets (one per condition): a freshly
         # started engine speeds up over its first runs, and stock must not be timed earlier
@@ -131,10 +141,10 @@ def _steer_params(cfg: BenchConfig, cond: str, names: dict[str, list[str]], max_
     ]
 
 
-def run_steering(cfg: BenchConfig, prompts: list[str], order_rev: bool) -> dict[str, float]:
-    """Start the steering engine, register ``max(ks)`` random vectors per site, warm up on
-    every condition, time each once (order reversed when ``order_rev``), shut down."""
-    from roast_vllm.engine.llm import LLM, register_vector, shutdown, site_dim
+def start_steering(cfg: BenchConfig):
+    """``(llm, names)``: the steering engine with ``max(ks)`` random vectors registered per
+    site (``names[site]`` in registration order)."""
+    from roast_vllm.engine.llm import LLM, register_vector, site_dim
     from roast_vllm.vector import SteeringVector
 
     kmax = max(cfg.ks)
@@ -145,16 +155,25 @@ def run_steering(cfg: BenchConfig, prompts: list[str], order_rev: bool) -> dict[
         allow_capture=False,
         **cfg.engine_kwargs,
     )
+    L = llm.roast_dims["num_layers"]
+    names: dict[str, list[str]] = {}
+    for site in cfg.sites:
+        names[site] = []
+        for i in range(kmax):
+            name = f"bench_{site}_{i}"
+            v = SteeringVector.random(L, site_dim(llm.roast_dims, site), seed=1000 + i, site=site)
+            register_vector(llm, name, v)
+            names[site].append(name)
+    return llm, names
+
+
+def run_steering(cfg: BenchConfig, prompts: list[str], order_rev: bool) -> dict[str, float]:
+    """Start the steering engine, register ``max(ks)`` random vectors per site, warm up on
+    every condition, time each once (order reversed when ``order_rev``), shut down."""
+    from roast_vllm.engine.llm import shutdown
+
+    llm, names = start_steering(cfg)
     try:
-        L = llm.roast_dims["num_layers"]
-        names: dict[str, list[str]] = {}
-        for site in cfg.sites:
-            names[site] = []
-            for i in range(kmax):
-                name = f"bench_{site}_{i}"
-                v = SteeringVector.random(L, site_dim(llm.roast_dims, site), seed=1000 + i, site=site)
-                register_vector(llm, name, v)
-                names[site].append(name)
         conds = cfg.conditions()
         for cond in conds:  # warm-up: every condition once
             llm.generate(prompts, _steer_params(cfg, cond, names, cfg.warmup_tokens), use_tqdm=False)
@@ -189,6 +208,66 @@ def measure_paired(cfg: BenchConfig) -> tuple[list[dict], list[dict]]:
             + ", ".join(f"{c}: {res[c] / res[STOCK]:.3f}" for c in cfg.conditions())
         )
     return summarize(runs, [STOCK] + cfg.conditions()), runs
+
+
+def measure_interleaved(cfg: BenchConfig, rounds: int) -> tuple[list[dict], list[dict]]:
+    """Stock vLLM (vLLM's default model runner), stock vLLM on the V1 runner the steering
+    engine uses, and the steering engine, all started once and alive together; each round
+    runs every (engine, condition) once, one at a time, in an order rotated by the round.
+    A round's ratios pair runs seconds apart on the same engines, so the machine's drift
+    (and an engine instance's own speed, which differs between starts by more than the
+    effect sought) cancels; ``rows`` has one row per condition, ``runs`` one per round.
+
+    The V1 row separates the runner's share of a gap to stock from steering's own: the
+    steering engine runs on vLLM's V1 model runner, stock by default on V2 where vLLM
+    picks it."""
+    from tqdm import tqdm
+
+    from roast_vllm.engine.llm import shutdown
+
+    prompts = build_prompts(cfg.num_prompts)
+    env_runner = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
+    engines: dict[str, object] = {}
+    try:
+        engines[STOCK] = start_stock(cfg, env_runner)
+        if env_runner != "0":
+            engines[STOCK_V1] = start_stock(cfg, "0")
+        steering, names = start_steering(cfg)
+        engines["steering"] = steering
+        jobs = [(c, engines[c], None) for c in engines if c != "steering"]
+        jobs += [(c, steering, c) for c in cfg.conditions()]
+
+        def params(cond, max_tokens):
+            if cond is None:
+                return [_params(max_tokens, None)] * len(prompts)
+            return _steer_params(cfg, cond, names, max_tokens)
+
+        for _, llm, cond in tqdm(jobs, desc="warm-up (every engine and condition once)"):
+            llm.generate(prompts, params(cond, cfg.warmup_tokens), use_tqdm=False)
+        runs = []
+        for r in tqdm(range(rounds), desc="interleaved rounds"):
+            k = r % len(jobs)
+            order = jobs[k:] + jobs[:k]
+            got = {name: _timed(llm, prompts, params(cond, cfg.max_tokens)) for name, llm, cond in order}
+            tps = {name: got[name] for name, _, _ in jobs}  # one fixed key order for every round
+            names_in_order = [name for name, _, _ in order]
+            runs.append(
+                {
+                    "repeat": r,
+                    "order": names_in_order,
+                    "stock_first": names_in_order.index(STOCK) < names_in_order.index(NOTHING),
+                    "tokens_per_s": tps,
+                }
+            )
+            tqdm.write(
+                f"round {r + 1}: stock {tps[STOCK]:.1f} tok/s; "
+                + ", ".join(f"{c}: {tps[c] / tps[STOCK]:.3f}" for c in tps if c != STOCK)
+            )
+    finally:
+        for llm in engines.values():
+            shutdown(llm)
+    conds = [STOCK] + [c for c in engines if c not in (STOCK, "steering")] + cfg.conditions()
+    return summarize(runs, conds), runs
 
 
 def summarize(runs: list[dict], conditions: list[str]) -> list[dict]:
@@ -246,7 +325,7 @@ def write_results(rows: list[dict], runs: list[dict], meta: dict, out: Path, ste
     ax.barh(
         y,
         [r["ratio"] for r in rr],
-        color=["#999" if r["condition"] == STOCK else "#4c72b0" for r in rr],
+        color=["#999" if r["condition"] in (STOCK, STOCK_V1) else "#4c72b0" for r in rr],
         xerr=[[r["ratio"] - r["ratio_min"] for r in rr], [r["ratio_max"] - r["ratio"] for r in rr]],
         capsize=4,
         ecolor="#555",
@@ -261,13 +340,14 @@ def write_results(rows: list[dict], runs: list[dict], meta: dict, out: Path, ste
     ax.axvline(0.97, color="r", ls="--", lw=0.8, label="0.97 goal (K=64)")
     ax.set_xlim(0.5, 1.6)
     ax.set_xlabel(
-        "throughput / stock vLLM, same repeat (bar: median; whiskers: min-max; dots: repeats; "
+        f"throughput / stock vLLM, same {meta.get('unit', 'engine pairs').rstrip('s')} (bar: median; "
+        "whiskers: min-max; dots: repeats; "
         "diamond: order-balanced)",
         fontsize=8,
     )
     ax.set_title(
         f"roast-vllm vs stock vLLM, {meta['mode']} mode, {meta['num_prompts']} prompts x "
-        f"{meta['max_tokens']} tokens, {meta['repeats']} engine pairs, {meta['device']}",
+        f"{meta['max_tokens']} tokens, {meta['repeats']} {meta.get('unit', 'engine pairs')}, {meta['device']}",
         fontsize=9,
     )
     ax.legend(loc="lower right", fontsize=8)
@@ -279,7 +359,7 @@ def write_results(rows: list[dict], runs: list[dict], meta: dict, out: Path, ste
 def print_table(rows: list[dict], meta: dict) -> None:
     print(
         f"\n{meta['mode']} mode, {meta['num_prompts']} prompts x {meta['max_tokens']} tokens, "
-        f"{meta['repeats']} engine pairs, {meta['machine']}"
+        f"{meta['repeats']} {meta.get('unit', 'engine pairs')}, {meta['machine']}"
     )
     print(f"{'condition':<32} {'tokens/s':>9} {'median':>7} {'balanced':>8}  min-max of paired ratios")
     for r in rows:

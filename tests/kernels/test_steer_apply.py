@@ -7,7 +7,13 @@ import importlib
 import pytest
 import torch
 from roast_vllm.kernels.dispatch import triton_on_cpu
-from roast_vllm.kernels.steer_apply import steer_apply, steer_apply_ref, steer_apply_triton
+from roast_vllm.kernels.steer_apply import (
+    steer_apply,
+    steer_apply_ref,
+    steer_apply_rows,
+    steer_apply_triton,
+)
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # the module itself: the package attribute roast_vllm.kernels.steer_apply is the op
 mod = importlib.import_module("roast_vllm.kernels.steer_apply")
@@ -60,6 +66,54 @@ def test_kernel_matches_reference(H, T, dtype, energy):
         torch.testing.assert_close(n1, n0, rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=0)
 
 
+@pytest.mark.parametrize("energy", [False, True], ids=["add", "energy"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
+)
+@pytest.mark.parametrize("T", [1, 63])
+@pytest.mark.parametrize("H", [576, 769, 5120], ids=lambda h: f"H{h}")
+def test_rows_path_matches_reference(H, T, dtype, energy):
+    """The CPU path (steered rows only) computes the reference's math row by row."""
+    h, table, slot, scale = make(T, H, dtype)
+    ref = steer_apply_ref(h.clone(), table, slot, scale, energy)
+    out = steer_apply_rows(h.clone(), table, slot, scale, energy)
+    torch.testing.assert_close(out.float(), ref.float(), atol=1e-6, rtol=1e-6)
+    idle = slot == 0
+    assert torch.equal(bits(out[idle]), bits(h[idle])), "slot-0 rows must be bit-identical"
+    assert (out[~idle] != h[~idle]).any(dim=-1).all(), "every steered row must change"
+
+
+class _AtenOps(TorchDispatchMode):
+    """Records the aten ops run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_rows_path_skips_unsteered_step():
+    """No steered token: one scan of ``slot``, nothing read from ``h`` or the table, nothing
+    written; one steered token: only that row is gathered and written back."""
+    h, table, slot, scale = make(63, 576, torch.bfloat16)
+    x, zeros = h.clone(), torch.zeros_like(slot)
+    with _AtenOps() as seen:
+        out = steer_apply_rows(x, table, zeros, scale)
+    assert torch.equal(bits(out), bits(h))
+    assert set(seen.ops) <= {"nonzero", "squeeze"}, seen.ops
+    one = torch.zeros_like(slot)
+    one[5] = 2
+    x = h.clone()
+    with _AtenOps() as seen:
+        steer_apply_rows(x, table, one, scale)
+    assert "index_copy_" in seen.ops and "copy_" not in seen.ops and "where" not in seen.ops
+    changed = (bits(x) != bits(h)).any(-1).nonzero().flatten().tolist()
+    assert changed == [5]
+
+
 def test_reference_math():
     h = torch.tensor([[1.0, 2.0], [3.0, 4.0], [0.0, 1.0]])
     table = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
@@ -80,16 +134,23 @@ def launches(count_launches):
     return count_launches(mod, "steer_apply_triton")
 
 
-def test_dispatch_takes_each_path(launches):
-    """``steer_apply`` on CPU tensors runs the reference; inside ``triton_on_cpu`` it runs
-    the custom op and the Triton kernel: the two paths agree."""
+@pytest.fixture
+def row_calls(count_launches):
+    return count_launches(mod, "steer_apply_rows")
+
+
+def test_dispatch_takes_each_path(launches, row_calls):
+    """``steer_apply`` on CPU tensors runs the rows path; inside ``triton_on_cpu`` it runs
+    the custom op and the Triton kernel: both agree with the reference."""
     h, table, slot, scale = make(63, 769, torch.bfloat16)
     by_ref = steer_apply(h.clone(), table, slot, scale)
-    assert launches == []
-    assert torch.equal(bits(by_ref), bits(steer_apply_ref(h.clone(), table, slot, scale)))
+    assert launches == [] and row_calls == [h.shape]
+    torch.testing.assert_close(
+        by_ref.float(), steer_apply_ref(h.clone(), table, slot, scale).float(), atol=1e-6, rtol=1e-6
+    )
     with triton_on_cpu():
         by_triton = steer_apply(h.clone(), table, slot, scale)
-    assert launches == [h.shape]
+    assert launches == [h.shape] and len(row_calls) == 1
     torch.testing.assert_close(by_triton.float(), by_ref.float(), **TOL[torch.bfloat16])
     assert not torch.equal(by_triton, h)
 
@@ -123,18 +184,25 @@ def test_custom_op_triton_path_inside_inductor(launches, dtype):
     assert not torch.equal(out[~idle], plain[~idle])
 
 
-def test_reference_path_inside_inductor(launches):
-    """The engine's CPU path: the reference traced and fused by inductor (no custom op)."""
+def test_cpu_path_inside_inductor(launches, row_calls):
+    """The engine's CPU path in compile mode: the opaque custom op (not the work traced
+    into the graph), which runs the rows path and skips an unsteered step at run time. The
+    op mutates the graph's buffer in place: inductor adds no copy of it."""
     from torch._inductor.utils import run_and_get_code
 
     h, table, slot, scale = make(63, 576, torch.float32)
     want = steer_apply_ref(h.clone() * 2.0, table, slot, scale)
     torch._dynamo.reset()
-    out, code = run_and_get_code(
-        torch.compile(_compiled_step, backend="inductor", fullgraph=True), h, table, slot, scale
-    )
-    assert "roast_vllm.steer_apply" not in "\n".join(code) and launches == []
+    f = torch.compile(_compiled_step, backend="inductor", fullgraph=True)
+    out, code = run_and_get_code(f, h, table, slot, scale)
+    src = "\n".join(code)
+    assert "roast_vllm.steer_apply" in src and launches == [] and len(row_calls) == 1
     torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
+    # re-inplaced: the op's first argument is the buffer the graph returns, not a clone
+    assert "clone" not in src and "copy_" not in src, src
+    # the same compiled graph, nothing steered: the op runs and leaves every row untouched
+    out0 = f(h, table, torch.zeros_like(slot), scale)
+    assert len(row_calls) == 2 and torch.equal(out0, h * 2.0)
 
 
 def test_validation():

@@ -11,7 +11,13 @@ import importlib
 import pytest
 import torch
 from roast_vllm.kernels.dispatch import triton_on_cpu
-from roast_vllm.kernels.steer_mlp_act import steer_mlp_act, steer_mlp_act_ref, steer_mlp_act_triton
+from roast_vllm.kernels.steer_mlp_act import (
+    steer_mlp_act,
+    steer_mlp_act_ref,
+    steer_mlp_act_rows,
+    steer_mlp_act_triton,
+)
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # the module itself: the package attribute roast_vllm.kernels.steer_mlp_act is the op
 mod = importlib.import_module("roast_vllm.kernels.steer_mlp_act")
@@ -139,6 +145,34 @@ def test_reference_math():
     assert torch.equal(out[[1, 3]], act[[1, 3]])
 
 
+@pytest.mark.parametrize("I, T, dtype", CASES)
+def test_rows_path_matches_reference(I, T, dtype):
+    """The CPU path (steered rows only) is the reference row by row: bit for bit."""
+    act, _, up, table, slot, scale = make(T, I, dtype)
+    ref = steer_mlp_act_ref(act.clone(), up, table, slot, scale)
+    out = steer_mlp_act_rows(act.clone(), up, table, slot, scale)
+    assert torch.equal(bits(out), bits(ref))
+    idle = slot == 0
+    assert torch.equal(bits(out[idle]), bits(act[idle])), "slot-0 rows must be bit-identical"
+
+
+def test_rows_path_skips_unsteered_step():
+    """No steered token: ``act`` untouched (its inf/nan ``up`` rows never read)."""
+    act, _, up, table, slot, scale = make(7, 769, torch.bfloat16)
+    calls = []
+
+    class Seen(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    x, zeros = act.clone(), torch.zeros_like(slot)
+    with Seen():
+        out = steer_mlp_act_rows(x, up, table, zeros, scale)
+    assert torch.equal(bits(out), bits(act))
+    assert set(calls) <= {"nonzero", "squeeze"}, calls
+
+
 def test_scale_zero_is_identity():
     act, _, up, table, slot, _ = make(7, 769, torch.bfloat16)
     zero = torch.zeros(S)
@@ -151,16 +185,21 @@ def launches(count_launches):
     return count_launches(mod, "steer_mlp_act_triton")
 
 
-def test_dispatch_takes_each_path(launches):
-    """CPU tensors run the reference; inside ``triton_on_cpu`` the custom op runs the Triton
-    kernel: the two paths agree."""
+@pytest.fixture
+def row_calls(count_launches):
+    return count_launches(mod, "steer_mlp_act_rows")
+
+
+def test_dispatch_takes_each_path(launches, row_calls):
+    """CPU tensors run the rows path; inside ``triton_on_cpu`` the custom op runs the Triton
+    kernel: both agree with the reference."""
     act, _, up, table, slot, scale = make(7, 769, torch.bfloat16)
     by_ref = steer_mlp_act(act.clone(), up, table, slot, scale)
-    assert launches == []
+    assert launches == [] and row_calls == [act.shape]
     assert torch.equal(bits(by_ref), bits(steer_mlp_act_ref(act.clone(), up, table, slot, scale)))
     with triton_on_cpu():
         by_triton = steer_mlp_act(act.clone(), up, table, slot, scale)
-    assert launches == [act.shape]
+    assert launches == [act.shape] and len(row_calls) == 1
     torch.testing.assert_close(by_triton, by_ref, **TOL[torch.bfloat16])
     assert not torch.equal(by_triton, act)
 
@@ -173,11 +212,12 @@ def _compiled_mlp(gate_up, table, slot, scale):
     return act * 3.0
 
 
-@pytest.mark.parametrize("triton_path", [True, False], ids=["triton-custom-op", "reference"])
-def test_inside_inductor(launches, triton_path):
+@pytest.mark.parametrize("triton_path", [True, False], ids=["triton-custom-op", "cpu-custom-op"])
+def test_inside_inductor(launches, row_calls, triton_path):
     """The engine's CUDA path (the in-place custom op holding the Triton launch, here under
-    Triton's interpreter) and its CPU path (the reference, fused by inductor), each inside
-    an inductor-compiled graph, against the reference run eagerly."""
+    Triton's interpreter) and its CPU path (the same custom op running the rows path), each
+    inside an inductor-compiled graph, against the reference run eagerly. The op steers the
+    graph's buffer in place (no copy of ``act``); unsteered, the CPU path skips the work."""
     from torch._inductor.utils import run_and_get_code
 
     T, I = 7, 769
@@ -192,12 +232,18 @@ def test_inside_inductor(launches, triton_path):
             out, code = run_and_get_code(f, gate_up, table, slot, scale)
     else:
         out, code = run_and_get_code(f, gate_up, table, slot, scale)
-    assert ("roast_vllm.steer_mlp_act" in "\n".join(code)) == triton_path
-    assert len(launches) == int(triton_path)
+    src = "\n".join(code)
+    assert "roast_vllm.steer_mlp_act" in src
+    assert "clone" not in src and "copy_" not in src, src
+    assert len(launches) == int(triton_path) and len(row_calls) == int(not triton_path)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     busy = slot != 0
     assert not torch.allclose(out[busy], plain[busy] * 3.0, atol=1e-3), "steered rows must change"
     torch.testing.assert_close(out[~busy], plain[~busy] * 3.0, atol=1e-6, rtol=1e-6)
+    if not triton_path:
+        out0 = f(gate_up, table, torch.zeros_like(slot), scale)
+        assert len(row_calls) == 2
+        torch.testing.assert_close(out0, plain * 3.0, atol=1e-6, rtol=1e-6)
 
 
 def test_reference_traces_without_graph_breaks():
