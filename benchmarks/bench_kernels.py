@@ -1,4 +1,4 @@
-"""Kernel benchmark: steer_apply (the serving add).
+"""Kernel benchmark: steer_apply (the serving add) and steer_mlp_act (the mlp_act site).
 
 grouped_css (ROAST estimation) has its own benchmark, benchmarks/bench_grouped_css.py
 (bandwidth against a device copy and a torch grouped sum, bit-identity, plots).
@@ -8,6 +8,11 @@ GPU is present), then times them. On CPU only the torch paths are timed; Triton 
 need a GPU and are never reported without one. Writes CSV.
 
     python benchmarks/bench_kernels.py                      # CPU: torch eager vs compile
+
+steer_mlp_act is timed on a decode step of SmolLM2's MLP width with every token steered
+(act [128, 1536] fp32, ``up`` the strided view of gate_up): the reference, the rows path
+the engine runs on CPU (and, on a GPU, the Triton kernel), next to the down projection
+matmul that follows it in the layer, for scale.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 
 import torch
 from roast_vllm.kernels.steer_apply import steer_apply_ref, steer_apply_triton
+from roast_vllm.kernels.steer_mlp_act import steer_mlp_act_ref, steer_mlp_act_rows, steer_mlp_act_triton
 
 
 def timeit(fn, repeats: int = 3) -> float:
@@ -33,6 +39,47 @@ def timeit(fn, repeats: int = 3) -> float:
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
     return best
+
+
+def bench_mlp_act(dev: str, repeats: int, gen: torch.Generator, T: int = 128, I: int = 1536) -> list[dict]:
+    S, H = 65, 576
+    act0 = torch.randn(T, I, generator=gen).to(dev)
+    gate_up = torch.randn(T, 2 * I, generator=gen).to(dev)
+    up = gate_up[:, I:]
+    table = torch.randn(S, I, generator=gen).to(dev)
+    slot = (torch.arange(T) % (S - 1) + 1).to(dev)  # every token steered
+    scale = torch.rand(S, generator=gen).to(dev)
+    w_down = torch.randn(H, I, generator=gen).to(dev) * I**-0.5
+    act = act0.clone()
+    want = steer_mlp_act_ref(act0.clone(), up, table, slot, scale)
+    torch.testing.assert_close(
+        steer_mlp_act_rows(act0.clone(), up, table, slot, scale), want, atol=1e-5, rtol=1e-5
+    )
+    paths = {
+        "torch reference": lambda: steer_mlp_act_ref(act, up, table, slot, scale),
+        "rows path (CPU)": lambda: steer_mlp_act_rows(act, up, table, slot, scale),
+    }
+    if dev == "cuda":
+        torch.testing.assert_close(
+            steer_mlp_act_triton(act0.clone(), up, table, slot, scale), want, atol=1e-5, rtol=1e-5
+        )
+        paths["triton"] = lambda: steer_mlp_act_triton(act, up, table, slot, scale)
+    paths["down_proj matmul (scale)"] = lambda: act @ w_down.t()
+    print(f"steer_mlp_act: act [{T}, {I}] fp32, every token steered, on {dev}; paths agree")
+    out = []
+    for name, fn in paths.items():
+        s = timeit(fn, max(repeats, 20))
+        out.append(
+            {
+                "op": "steer_mlp_act",
+                "path": name,
+                "device": dev,
+                "shape": f"T{T} I{I} fp32",
+                "seconds": round(s, 6),
+            }
+        )
+        print(f"  {name:<26} {s * 1e6:9.1f} us")
+    return out
 
 
 def main(argv=None) -> None:
@@ -78,6 +125,7 @@ def main(argv=None) -> None:
             }
         )
         print(f"  {name:<14} {s * 1e6:9.1f} us")
+    rows += bench_mlp_act(dev, args.repeats, gen)
     if dev != "cuda":
         print(
             "\nTriton timings need a CUDA GPU; none here, so only the torch paths were timed. "
