@@ -74,9 +74,10 @@ def steer_mlp_act_ref(
 def steer_mlp_act_rows(
     act: torch.Tensor, up: torch.Tensor, table: torch.Tensor, slot: torch.Tensor, scale: torch.Tensor
 ) -> torch.Tensor:
-    """Torch path over the steered rows only (the reference's math, row by row); ``act`` is
-    untouched after one scan of ``slot`` when no token is steered. Data-dependent shapes:
-    runs eagerly or inside the opaque custom op."""
+    """Torch path over the steered rows only: the reference's math, with the multiply-add
+    as one ``addcmul_`` (which may round once fewer, so equal to the reference within the
+    fp32 bound, not bit for bit); ``act`` is untouched after one scan of ``slot`` when no
+    token is steered. Data-dependent shapes: runs eagerly or inside the opaque custom op."""
     idx = slot.nonzero().squeeze(1)
     n = idx.numel()
     if n == 0:

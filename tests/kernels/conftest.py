@@ -38,3 +38,20 @@ def run_isolated(code: str, *args: str, timeout: int = 300) -> str:
     r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"the launch died with exit code {r.returncode}: {r.stderr[-2000:]}"
     return r.stdout
+
+
+def aten_ops():
+    """A dispatch mode that records the name of every aten op run under it (``.ops``): to
+    check what a path does, e.g. that an unsteered step only scans the slots."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class AtenOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    return AtenOps()

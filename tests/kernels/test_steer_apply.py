@@ -13,7 +13,6 @@ from roast_vllm.kernels.steer_apply import (
     steer_apply_rows,
     steer_apply_triton,
 )
-from torch.utils._python_dispatch import TorchDispatchMode
 
 # the module itself: the package attribute roast_vllm.kernels.steer_apply is the op
 mod = importlib.import_module("roast_vllm.kernels.steer_apply")
@@ -83,31 +82,21 @@ def test_rows_path_matches_reference(H, T, dtype, energy):
     assert (out[~idle] != h[~idle]).any(dim=-1).all(), "every steered row must change"
 
 
-class _AtenOps(TorchDispatchMode):
-    """Records the aten ops run under it."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 def test_rows_path_skips_unsteered_step():
     """No steered token: one scan of ``slot``, nothing read from ``h`` or the table, nothing
     written; one steered token: only that row is gathered and written back."""
+    from conftest import aten_ops
+
     h, table, slot, scale = make(63, 576, torch.bfloat16)
     x, zeros = h.clone(), torch.zeros_like(slot)
-    with _AtenOps() as seen:
+    with aten_ops() as seen:
         out = steer_apply_rows(x, table, zeros, scale)
     assert torch.equal(bits(out), bits(h))
     assert set(seen.ops) <= {"nonzero", "squeeze"}, seen.ops
     one = torch.zeros_like(slot)
     one[5] = 2
     x = h.clone()
-    with _AtenOps() as seen:
+    with aten_ops() as seen:
         steer_apply_rows(x, table, one, scale)
     assert "index_copy_" in seen.ops and "copy_" not in seen.ops and "where" not in seen.ops
     changed = (bits(x) != bits(h)).any(-1).nonzero().flatten().tolist()

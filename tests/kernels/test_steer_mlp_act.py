@@ -17,7 +17,6 @@ from roast_vllm.kernels.steer_mlp_act import (
     steer_mlp_act_rows,
     steer_mlp_act_triton,
 )
-from torch.utils._python_dispatch import TorchDispatchMode
 
 # the module itself: the package attribute roast_vllm.kernels.steer_mlp_act is the op
 mod = importlib.import_module("roast_vllm.kernels.steer_mlp_act")
@@ -173,19 +172,14 @@ def test_rows_path_every_token_steered(dtype):
 
 def test_rows_path_skips_unsteered_step():
     """No steered token: ``act`` untouched (its inf/nan ``up`` rows never read)."""
+    from conftest import aten_ops
+
     act, _, up, table, slot, scale = make(7, 769, torch.bfloat16)
-    calls = []
-
-    class Seen(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            calls.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
     x, zeros = act.clone(), torch.zeros_like(slot)
-    with Seen():
+    with aten_ops() as seen:
         out = steer_mlp_act_rows(x, up, table, zeros, scale)
     assert torch.equal(bits(out), bits(act))
-    assert set(calls) <= {"nonzero", "squeeze"}, calls
+    assert set(seen.ops) <= {"nonzero", "squeeze"}, seen.ops
 
 
 def test_scale_zero_is_identity():
