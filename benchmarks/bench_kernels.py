@@ -9,7 +9,9 @@ need a GPU and are never reported without one. Writes CSV.
 
     python benchmarks/bench_kernels.py                      # CPU: torch eager vs compile
 
-steer_mlp_act is timed on a decode step of SmolLM2's MLP width with every token steered
+steer_apply is also timed as the engine runs it on CPU (the rows path: one in-place pass
+when most tokens are steered) on a decode step of SmolLM2's width, fp32, with every token,
+half of them and none steered. steer_mlp_act is timed on a decode step of SmolLM2's MLP width with every token steered
 (act [128, 1536] fp32, ``up`` the strided view of gate_up): the reference, the rows path
 the engine runs on CPU (and, on a GPU, the Triton kernel), next to the down projection
 matmul that follows it in the layer, for scale.
@@ -23,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from roast_vllm.kernels.steer_apply import steer_apply_ref, steer_apply_triton
+from roast_vllm.kernels.steer_apply import steer_apply_ref, steer_apply_rows, steer_apply_triton
 from roast_vllm.kernels.steer_mlp_act import steer_mlp_act_ref, steer_mlp_act_rows, steer_mlp_act_triton
 
 
@@ -82,6 +84,39 @@ def bench_mlp_act(dev: str, repeats: int, gen: torch.Generator, T: int = 128, I:
     return out
 
 
+def bench_apply_rows(dev: str, repeats: int, gen: torch.Generator) -> list[dict]:
+    """``steer_apply`` as the engine runs it on CPU (``steer_apply_rows``) on a decode step
+    of SmolLM2's width, fp32: every token steered, half of them, and none; beside the
+    reference. CPU only (on a GPU the engine runs the Triton kernel, timed above)."""
+    if dev != "cpu":
+        return []
+    T, S, H = 128, 65, 576
+    h = torch.randn(T, H, generator=gen)
+    table = torch.randn(S, H, generator=gen)
+    table[0] = 0
+    scale = torch.rand(S, generator=gen)
+    every = torch.randint(1, S, (T,), generator=gen)
+    half = every * (torch.arange(T) % 2)
+    out = []
+    for name, slot in (("every", every), ("half", half), ("none", torch.zeros_like(every))):
+        want = steer_apply_ref(h.clone(), table, slot, scale)
+        assert torch.equal(steer_apply_rows(h.clone(), table, slot, scale), want), name
+        for path, fn in (("torch reference", steer_apply_ref), ("rows path (CPU)", steer_apply_rows)):
+            x = h.clone()  # steered in place again and again: the timing does not depend on values
+            s = timeit(lambda: fn(x, table, slot, scale), max(repeats, 20))
+            out.append(
+                {
+                    "op": "steer_apply",
+                    "path": f"{path}, {name} steered",
+                    "device": dev,
+                    "shape": f"T{T} H{H} S{S} fp32",
+                    "seconds": round(s, 6),
+                }
+            )
+            print(f"  steer_apply fp32 [{T}, {H}], {name:<5} steered, {path:<16} {s * 1e6:9.1f} us")
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=576)
@@ -125,6 +160,7 @@ def main(argv=None) -> None:
             }
         )
         print(f"  {name:<14} {s * 1e6:9.1f} us")
+    rows += bench_apply_rows(dev, args.repeats, gen)
     rows += bench_mlp_act(dev, args.repeats, gen)
     if dev != "cuda":
         print(

@@ -14,8 +14,10 @@ in ``slot``: a token outside its request's scope gets slot 0.
 Layers: Triton kernel -> launcher ``steer_apply_triton`` -> custom op
 ``torch.ops.roast_vllm.steer_apply`` -> ``steer_apply``. ``steer_apply_ref`` is the
 pure-torch reference (every row computed, then selected) that the tests compare against;
-``steer_apply_rows`` is the torch path the engine runs off CUDA: it finds the steered rows
-and touches only them, so a step with no steered token costs one scan of ``slot``.
+``steer_apply_rows`` is the torch path the engine runs off CUDA, bit for bit equal to the
+reference: a step with no steered token costs one scan of ``slot``; a mostly steered one
+one in-place pass (unsteered rows get ``+ (-0.0)``, the identity); a few steered rows are
+gathered, updated and written back.
 
 Inside torch.compile (vLLM's compile mode) the op is always the opaque custom op, on CPU
 too: traced, the work would be baked into the graph and paid on every token of every step
@@ -65,6 +67,11 @@ def _steered(x: torch.Tensor, table: torch.Tensor, s: torch.Tensor, scale: torch
     return y
 
 
+def _is_plus_zero(row: torch.Tensor) -> bool:
+    """Every element of ``row`` is +0.0 (bits, not value: -0.0 * -0.0 would be +0.0)."""
+    return row.stride(-1) == 1 and not row.view(torch.uint8).any()
+
+
 def steer_apply_rows(
     h: torch.Tensor,
     table: torch.Tensor,
@@ -72,12 +79,33 @@ def steer_apply_rows(
     scale: torch.Tensor,
     energy_preserving: bool = False,
 ) -> torch.Tensor:
-    """Torch path over the steered rows only (same math as the reference, row by row);
-    returns ``h`` untouched after one scan of ``slot`` when no token is steered. Its shapes
-    depend on the data (``nonzero``): it runs eagerly or inside the opaque custom op."""
+    """Torch path (the engine's op off CUDA): the reference's math (one fp32 multiply,
+    one add, one rounding to ``h.dtype``), bit for bit equal to it; returns ``h``
+    untouched after one scan of ``slot`` when no token is steered. Data-dependent shapes
+    (``nonzero``): it runs eagerly or inside the opaque custom op.
+
+    Two ways. Every row steered, or most of them (fp32 ``h``): one in-place pass over
+    every row, ``h += d`` with ``d[t] = table[s] * scale[s]``; an unsteered row gets
+    ``d[t] = -0.0`` (its scale taken as -0.0, times a +0.0 ``table[0]``: checked, else the
+    other way), and ``x + (-0.0) == x`` for every float ``x`` (-0.0, inf and nan
+    included), so it is left bit for bit. Otherwise: gather the steered rows, update,
+    scatter back (``index_copy_``), which costs more per row than the in-place pass."""
     idx = slot.nonzero().squeeze(1)
-    if idx.numel() == 0:
+    m = idx.numel()
+    if m == 0:
         return h
+    T = h.shape[0]
+    # The mixed in-place pass needs fp32 ``h``: a 16-bit nan round-tripped through fp32
+    # comes back with its payload canonicalized, and unsteered rows must keep every bit.
+    if not energy_preserving and (
+        m == T or (4 * m >= T and h.dtype == torch.float32 and _is_plus_zero(table[0]))
+    ):
+        s = slot.long()
+        a = scale.index_select(0, s).float()
+        if m < T:
+            a.masked_fill_(s == 0, -0.0)  # with table[0] == +0.0: d = -0.0 on unsteered rows
+        d = table.index_select(0, s).float().mul_(a[:, None])
+        return h.add_(d)  # in fp32, rounded once to h.dtype (type promotion), as the reference
     s = slot.index_select(0, idx).long()
     y = _steered(h.index_select(0, idx).float(), table, s, scale, energy_preserving)
     h.index_copy_(0, idx, y.to(h.dtype))

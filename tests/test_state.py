@@ -123,7 +123,8 @@ def test_mlp_act_slot_fills_its_own_table(st_mlp):
     st_mlp.set_row(1, None, prompt_len=1)
     st_mlp.sync_rows()
     st_mlp.prepare_step(torch.tensor([0, 1]), torch.tensor([3, 3]), num_tokens=2)
-    assert st_mlp.token_slot[:2].tolist() == [i, 0]
+    assert st_mlp.mlp_token_slot[:2].tolist() == [i, 0]
+    assert st_mlp.token_slot[:2].tolist() == [0, 0]  # the residual op has nothing to do
     gate_up = torch.randn(2, 2 * I)
     g, up = gate_up[:, :I], gate_up[:, I:]
     act = torch.nn.functional.silu(g) * up
@@ -209,3 +210,31 @@ def test_prepare_step_needs_no_forward_context(st):
 def test_prepare_step_rejects_oversized_steps(st):
     with pytest.raises(RuntimeError, match="max_num_batched_tokens"):
         st.prepare_step(torch.zeros(40, dtype=torch.long), torch.zeros(40, dtype=torch.long), num_tokens=40)
+
+
+def test_each_site_reads_only_its_own_slots(st_mlp, monkeypatch):
+    """A token steered at one site is slot 0 for the other site's op (which so skips it,
+    instead of adding a zero table row); eager steps skip a site with no steered row."""
+    st_mlp.set_row(0, SteerSpec("m", 2.0), prompt_len=1)
+    st_mlp.set_row(1, SteerSpec("r", 1.0), prompt_len=1)
+    st_mlp.sync_rows()
+    i, j = st_mlp.row_slot_cpu[0].item(), st_mlp.row_slot_cpu[1].item()
+    assert st_mlp.slot_mlp[i] == 1 and st_mlp.slot_mlp[j] == 0
+    st_mlp.prepare_step(torch.tensor([0, 1, 2, 1]), torch.tensor([3, 3, 3, 4]), num_tokens=4)
+    assert st_mlp.mlp_token_slot[:4].tolist() == [i, 0, 0, 0]
+    assert st_mlp.token_slot[:4].tolist() == [0, j, 0, j]
+    assert st_mlp.step_steered_mlp and st_mlp.step_steered_residual
+    st_mlp.clear_row(0)
+    st_mlp.prepare_step(torch.tensor([0, 1]), torch.tensor([3, 3]), num_tokens=2)
+    assert st_mlp.mlp_token_slot.count_nonzero() == 0 and st_mlp.token_slot[:2].tolist() == [0, j]
+    assert not st_mlp.step_steered_mlp and st_mlp.step_steered_residual
+    import roast_vllm.engine.state as state_mod
+
+    def no_call(*a):
+        raise AssertionError("the mlp_act op ran on a step with no mlp_act row")
+
+    monkeypatch.setattr(state_mod, "steer_mlp_act", no_call)
+    act = torch.randn(2, I)
+    assert st_mlp.apply_mlp(1, act, torch.randn(2, 2 * I)) is act  # eager: skipped
+    st_mlp.clear_row(1)
+    assert st_mlp.slot_mlp.count_nonzero() == 0  # released slots hold no site either

@@ -8,12 +8,14 @@ Shapes (``L`` layers, ``S = max_steering_slots + 1`` slots, ``H`` hidden, ``R`` 
     mlp_table   [L, S, I]  fp32, the same for ``mlp_act`` vectors (I = MLP width on
                            this rank); a slot's row is zero in the table of the other site
     slot_scale  [S]        fp32 scale of each slot (0 for slot 0)
-    token_slot  [T]        int64, the slot of each token of the current step
+    slot_mlp    [S]        int64, 1 where the slot's vector is an ``mlp_act`` one
+    token_slot  [T]        int64, the residual-site slot of each token of the current step
+    mlp_token_slot [T]     int64, the same for ``mlp_act`` slots
     row_slot    [R]        slot of the request in each persistent-batch row
     row_lo/hi   [R]        steered absolute positions [lo, hi) of each row
 
 Per step, before the forward and outside any captured region (CUDA graph or compiled
-graph), ``prepare_step`` fills ``token_slot`` from the model runner's per-token request
+graph), ``prepare_step`` fills ``token_slot`` and ``mlp_token_slot`` from the model runner's per-token request
 index and positions (``roast_vllm.engine.runner`` calls it, as vLLM prepares LoRA's
 per-token indices): nothing inside the model's ``forward`` depends on per-step Python
 state or on attention metadata, so a replayed full CUDA graph reads the right slots.
@@ -32,6 +34,9 @@ costs one scan of ``token_slot`` per op; eager steps with no steered row skip th
 ``(SiLU(g) + delta) * up = SiluAndMul(g, up) + delta * up``, the stock fused activation
 stays and one fused op adds ``scale[s] * mlp_table[l, s] * up[t]`` to steered tokens
 only (``roast_vllm.kernels.steer_mlp_act``); unsteered tokens are not touched.
+Each site's op reads its own per-token slots: a token steered at one site is slot 0 for
+the other site's op, which so skips it (on CPU the other op's call is one scan of an
+all-zero ``mlp_token_slot``, not a pass over rows whose table row is zero).
 
 Activation capture (eager engines only, opt-in with the roast config's ``allow_capture``):
 a request with ``extra_args["roast_capture"] = id`` records, at its last prompt token, the
@@ -84,6 +89,7 @@ class _Slot:
     index: int
     key: tuple
     refs: int = 0
+    mlp: bool = False  # an mlp_act vector's slot (else residual)
 
 
 @dataclass
@@ -155,7 +161,15 @@ class SteeringState(nn.Module):
             "slot_scale", torch.zeros(max_slots + 1, dtype=torch.float32, device=device), persistent=False
         )
         self.register_buffer(
+            "slot_mlp", torch.zeros(max_slots + 1, dtype=torch.long, device=device), persistent=False
+        )
+        self.register_buffer(
             "token_slot",
+            torch.zeros(max_num_tokens, dtype=torch.long, device=device),
+            persistent=False,
+        )
+        self.register_buffer(
+            "mlp_token_slot",
             torch.zeros(max_num_tokens, dtype=torch.long, device=device),
             persistent=False,
         )
@@ -169,9 +183,14 @@ class SteeringState(nn.Module):
         self._rows_dirty = False
         self._tokens_dirty = False
         self.num_steered_rows = 0
-        #: Python-side "any row steered this step" (set by ``prepare_step``); read only on
-        #: eager paths to skip no-op ops, never inside a captured or compiled region.
+        #: Rows steered at the ``mlp_act`` site (the rest of ``num_steered_rows``: residual).
+        self.num_mlp_rows = 0
+        #: Python-side "any row steered this step", overall and per site (set by
+        #: ``prepare_step``); read only on eager paths to skip no-op ops, never inside a
+        #: captured or compiled region.
         self.step_steered = False
+        self.step_steered_residual = False
+        self.step_steered_mlp = False
         #: Steps prepared so far (tests check that the runner hook runs every step).
         self.num_steps_prepared = 0
         #: ``row -> prompt length`` from the model runner (set by the runner hook); used
@@ -255,6 +274,7 @@ class SteeringState(nn.Module):
         # entry (or a later configuration that gets this index) never sees the old vector.
         # These writes are stream-ordered after every step already launched.
         self.slot_scale[slot.index] = 0.0
+        self.slot_mlp[slot.index] = 0
         self.table[:, slot.index].zero_()
         self.mlp_table[:, slot.index].zero_()
         self._free.append(slot.index)
@@ -296,7 +316,8 @@ class SteeringState(nn.Module):
             # (zeroed at start and by _release_index)
             (self.mlp_table if mlp else self.table)[:, index].copy_(rows)
             self.slot_scale[index] = spec.scale
-            slot = _Slot(index, key)
+            self.slot_mlp[index] = int(mlp)
+            slot = _Slot(index, key, mlp=mlp)
             self._slots[key] = slot
             self._slot_by_index[index] = slot
         slot.refs += 1
@@ -401,6 +422,9 @@ class SteeringState(nn.Module):
             self.row_lo_cpu[row] = r.lo
             self.row_hi_cpu[row] = r.hi
         self.num_steered_rows = sum(1 for r in rows.values() if r.slot)
+        self.num_mlp_rows = sum(
+            1 for r in rows.values() if r.slot and (s := self._slot_by_index.get(r.slot)) and s.mlp
+        )
         self._captures_pending = any(r.capture is not None for r in rows.values())
         self._rows_dirty = True
         self.sync_rows()
@@ -460,33 +484,42 @@ class SteeringState(nn.Module):
         self.num_steps_prepared += 1
         self._prepare_capture(req_indices, positions, num_tokens)
         self.step_steered = self.num_steered_rows > 0
+        self.step_steered_mlp = self.num_mlp_rows > 0
+        self.step_steered_residual = self.num_steered_rows > self.num_mlp_rows
         if not self.step_steered:
             if self._tokens_dirty:
                 self.token_slot.zero_()
+                self.mlp_token_slot.zero_()
                 self._tokens_dirty = False
             return
         n = num_tokens
         rows = req_indices[:n].to(device=self.token_slot.device, dtype=torch.long)
         pos = positions[:n].to(torch.long)
         keep = (pos >= self.row_lo[rows]) & (pos < self.row_hi[rows])
-        torch.mul(self.row_slot[rows], keep, out=self.token_slot[:n])
+        slots = self.row_slot[rows] * keep
+        # each site's op reads only its own site's slots (the other site's are 0 there)
+        mlp = self.slot_mlp[slots]
+        torch.mul(slots, mlp, out=self.mlp_token_slot[:n])
+        torch.sub(slots, self.mlp_token_slot[:n], out=self.token_slot[:n])
         self.token_slot[n:].zero_()  # padded graph tokens (and any stale tail) get slot 0
+        self.mlp_token_slot[n:].zero_()
         self._tokens_dirty = True
 
-    def _eager_skip(self, x: torch.Tensor) -> bool:
-        """True when the steering op may be skipped: plain eager execution with no steered
-        row this step. Never inside torch.compile tracing or CUDA-graph capture, where the
-        op must be recorded whatever this step holds."""
+    def _eager_skip(self, x: torch.Tensor, steered: bool) -> bool:
+        """True when the steering op may be skipped: plain eager execution with no row
+        steered at the op's site this step (``steered``). Never inside torch.compile
+        tracing or CUDA-graph capture, where the op must be recorded whatever this step
+        holds."""
         if torch.compiler.is_compiling():
             return False
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             return False
-        return not self.step_steered
+        return not steered
 
     def apply(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """Steer ``h [n, H]`` (the stream after ``layer``) in place; in a compiled graph one
         opaque op call that reads the live buffers."""
-        if self._eager_skip(h):
+        if self._eager_skip(h, self.step_steered_residual):
             return h
         return steer_apply(h, self.table[layer], self.token_slot[: h.shape[0]], self.slot_scale)
 
@@ -499,11 +532,11 @@ class SteeringState(nn.Module):
             if "mlp_act" in self.capture_sites:
                 gate = gate_up[..., :width]
                 self._record(layer, "mlp_act", torch.nn.functional.silu(gate[self._cap_index].float()))
-        if self._eager_skip(act):
+        if self._eager_skip(act, self.step_steered_mlp):
             return act
         n = act.shape[0]
         return steer_mlp_act(
-            act, gate_up[..., width:], self.mlp_table[layer], self.token_slot[:n], self.slot_scale
+            act, gate_up[..., width:], self.mlp_table[layer], self.mlp_token_slot[:n], self.slot_scale
         )
 
     # ------------------------------------------------------------ capture

@@ -72,11 +72,13 @@ def test_kernel_matches_reference(H, T, dtype, energy):
 @pytest.mark.parametrize("T", [1, 63])
 @pytest.mark.parametrize("H", [576, 769, 5120], ids=lambda h: f"H{h}")
 def test_rows_path_matches_reference(H, T, dtype, energy):
-    """The CPU path (steered rows only) computes the reference's math row by row."""
+    """The CPU path computes the reference's math: bit for bit, whichever way it takes
+    (T = 1: every row steered, one in-place pass; T = 63: most rows steered, in place for
+    fp32 and gathered for 16-bit dtypes)."""
     h, table, slot, scale = make(T, H, dtype)
     ref = steer_apply_ref(h.clone(), table, slot, scale, energy)
     out = steer_apply_rows(h.clone(), table, slot, scale, energy)
-    torch.testing.assert_close(out.float(), ref.float(), atol=1e-6, rtol=1e-6)
+    assert torch.equal(bits(out), bits(ref))
     idle = slot == 0
     assert torch.equal(bits(out[idle]), bits(h[idle])), "slot-0 rows must be bit-identical"
     assert (out[~idle] != h[~idle]).any(dim=-1).all(), "every steered row must change"
@@ -101,6 +103,44 @@ def test_rows_path_skips_unsteered_step():
     assert "index_copy_" in seen.ops and "copy_" not in seen.ops and "where" not in seen.ops
     changed = (bits(x) != bits(h)).any(-1).nonzero().flatten().tolist()
     assert changed == [5]
+
+
+def _specials(h: torch.Tensor) -> torch.Tensor:
+    """``h`` with -0.0, +-inf and nan in its last row (an unsteered one in ``make``)."""
+    h[-1, :4] = torch.tensor([-0.0, float("inf"), -float("inf"), float("nan")], dtype=h.dtype)
+    return h
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rows_path_ways(dtype):
+    """Every row steered: one in-place pass, no row gather or scatter. Most rows steered
+    (fp32): the same pass, unsteered rows get ``+ (-0.0)``, which keeps -0.0, inf and nan
+    bit for bit. A nonzero ``table[0]`` (that trick would not hold), a 16-bit ``h`` or few
+    steered rows: the gather/scatter way. Each way bit for bit equal to the reference."""
+    from conftest import aten_ops
+
+    h, table, slot, scale = make(63, 576, dtype)
+    _specials(h)
+    every = torch.randint(1, S, (63,), generator=torch.Generator().manual_seed(1))
+    few = torch.zeros_like(slot)
+    few[[3, 40]] = 2
+    dirty = table.clone()
+    dirty[0, 7] = -0.0  # bits, not value: -0.0 * -0.0 would be +0.0
+    cases = [
+        ("every", every, table, "in place"),
+        ("most", slot, table, "in place" if dtype == torch.float32 else "gather"),
+        ("most, table[0] not +0.0", slot, dirty, "gather"),
+        ("few", few, table, "gather"),
+    ]
+    for name, sl, tab, way in cases:
+        x = h.clone()
+        with aten_ops() as seen:
+            steer_apply_rows(x, tab, sl, scale)
+        gathered = "index_copy_" in seen.ops
+        assert gathered == (way == "gather"), (name, seen.ops)
+        assert torch.equal(bits(x), bits(steer_apply_ref(h.clone(), tab, sl, scale))), name
+        idle = sl == 0
+        assert torch.equal(bits(x[idle]), bits(h[idle])), name
 
 
 def test_reference_math():
