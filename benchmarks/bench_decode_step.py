@@ -52,8 +52,8 @@ How it is timed
     within a round, so drift between rounds cancels).
     CPU: the eager step, timed with time.perf_counter, same interleaving; small widths
     (H=256, I=768, 2 layers, fp32, 1 thread by default) so CI runs it in seconds. The CPU
-    steering ops are the torch rows paths (steered rows gathered, updated and written
-    back; nothing but a scan of the slots when none is steered), so CPU ratios are no
+    steering ops are the torch rows paths (in place, or steered rows gathered, updated and
+    written back; nothing but a scan of the slots when none is steered), so CPU ratios are no
     estimate of the GPU's. ``--compile`` times the whole step compiled by inductor instead
     (as vLLM's compile mode runs the model on CPU: the ops are opaque custom-op calls in
     the graph); its check asserts unsteered rows bit-identical with and without steered

@@ -11,10 +11,10 @@ need a GPU and are never reported without one. Writes CSV.
 
 steer_apply is also timed as the engine runs it on CPU (the rows path: one in-place pass
 when most tokens are steered) on a decode step of SmolLM2's width, fp32, with every token,
-half of them and none steered. steer_mlp_act is timed on a decode step of SmolLM2's MLP width with every token steered
-(act [128, 1536] fp32, ``up`` the strided view of gate_up): the reference, the rows path
-the engine runs on CPU (and, on a GPU, the Triton kernel), next to the down projection
-matmul that follows it in the layer, for scale.
+half of them and none steered. steer_mlp_act is timed on a decode step of SmolLM2's MLP
+width with every token steered (act [128, 1536] fp32, ``up`` the strided view of
+gate_up): the reference, the rows path the engine runs on CPU (and, on a GPU, the Triton
+kernel), next to the down projection matmul that follows it in the layer, for scale.
 """
 
 from __future__ import annotations
@@ -41,6 +41,11 @@ def timeit(fn, repeats: int = 3) -> float:
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
     return best
+
+
+def _result(op: str, path: str, dev: str, shape: str, seconds: float) -> dict:
+    """One CSV row."""
+    return {"op": op, "path": path, "device": dev, "shape": shape, "seconds": round(seconds, 6)}
 
 
 def bench_mlp_act(dev: str, repeats: int, gen: torch.Generator, T: int = 128, I: int = 1536) -> list[dict]:
@@ -71,15 +76,7 @@ def bench_mlp_act(dev: str, repeats: int, gen: torch.Generator, T: int = 128, I:
     out = []
     for name, fn in paths.items():
         s = timeit(fn, max(repeats, 20))
-        out.append(
-            {
-                "op": "steer_mlp_act",
-                "path": name,
-                "device": dev,
-                "shape": f"T{T} I{I} fp32",
-                "seconds": round(s, 6),
-            }
-        )
+        out.append(_result("steer_mlp_act", name, dev, f"T{T} I{I} fp32", s))
         print(f"  {name:<26} {s * 1e6:9.1f} us")
     return out
 
@@ -104,15 +101,7 @@ def bench_apply_rows(dev: str, repeats: int, gen: torch.Generator) -> list[dict]
         for path, fn in (("torch reference", steer_apply_ref), ("rows path (CPU)", steer_apply_rows)):
             x = h.clone()  # steered in place again and again: the timing does not depend on values
             s = timeit(lambda: fn(x, table, slot, scale), max(repeats, 20))
-            out.append(
-                {
-                    "op": "steer_apply",
-                    "path": f"{path}, {name} steered",
-                    "device": dev,
-                    "shape": f"T{T} H{H} S{S} fp32",
-                    "seconds": round(s, 6),
-                }
-            )
+            out.append(_result("steer_apply", f"{path}, {name} steered", dev, f"T{T} H{H} S{S} fp32", s))
             print(f"  steer_apply fp32 [{T}, {H}], {name:<5} steered, {path:<16} {s * 1e6:9.1f} us")
     return out
 
@@ -150,15 +139,7 @@ def main(argv=None) -> None:
     print(f"steer_apply: h [{T}, {H}] bf16, {S} slots on {dev}; paths agree")
     for name, fn in paths.items():
         s = timeit(fn, max(args.repeats, 20))
-        rows.append(
-            {
-                "op": "steer_apply",
-                "path": name,
-                "device": dev,
-                "shape": f"T{T} H{H} S{S} bf16",
-                "seconds": round(s, 6),
-            }
-        )
+        rows.append(_result("steer_apply", name, dev, f"T{T} H{H} S{S} bf16", s))
         print(f"  {name:<14} {s * 1e6:9.1f} us")
     rows += bench_apply_rows(dev, args.repeats, gen)
     rows += bench_mlp_act(dev, args.repeats, gen)

@@ -15,9 +15,9 @@ Shapes (``L`` layers, ``S = max_steering_slots + 1`` slots, ``H`` hidden, ``R`` 
     row_lo/hi   [R]        steered absolute positions [lo, hi) of each row
 
 Per step, before the forward and outside any captured region (CUDA graph or compiled
-graph), ``prepare_step`` fills ``token_slot`` and ``mlp_token_slot`` from the model runner's per-token request
-index and positions (``roast_vllm.engine.runner`` calls it, as vLLM prepares LoRA's
-per-token indices): nothing inside the model's ``forward`` depends on per-step Python
+graph), ``prepare_step`` fills ``token_slot`` and ``mlp_token_slot`` from the model
+runner's per-token request index and positions (``roast_vllm.engine.runner`` calls it, as
+vLLM prepares LoRA's per-token indices): nothing inside the model's ``forward`` depends on per-step Python
 state or on attention metadata, so a replayed full CUDA graph reads the right slots.
 
 Why this layout: inside the compiled graph each layer does one fused gather-add,

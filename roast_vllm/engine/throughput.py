@@ -234,21 +234,19 @@ def measure_interleaved(cfg: BenchConfig, rounds: int) -> tuple[list[dict], list
             engines[STOCK_V1] = start_stock(cfg, "0")
         steering, names = start_steering(cfg)
         engines["steering"] = steering
-        jobs = [(c, engines[c], None) for c in engines if c != "steering"]
+        # (name, engine, requests): stock engines get the plain requests of NOTHING
+        jobs = [(c, engines[c], NOTHING) for c in engines if c != "steering"]
         jobs += [(c, steering, c) for c in cfg.conditions()]
-
-        def params(cond, max_tokens):
-            if cond is None:
-                return [_params(max_tokens, None)] * len(prompts)
-            return _steer_params(cfg, cond, names, max_tokens)
-
         for _, llm, cond in tqdm(jobs, desc="warm-up (every engine and condition once)"):
-            llm.generate(prompts, params(cond, cfg.warmup_tokens), use_tqdm=False)
+            llm.generate(prompts, _steer_params(cfg, cond, names, cfg.warmup_tokens), use_tqdm=False)
         runs = []
         for r in tqdm(range(rounds), desc="interleaved rounds"):
             k = r % len(jobs)
             order = jobs[k:] + jobs[:k]
-            got = {name: _timed(llm, prompts, params(cond, cfg.max_tokens)) for name, llm, cond in order}
+            got = {
+                name: _timed(llm, prompts, _steer_params(cfg, cond, names, cfg.max_tokens))
+                for name, llm, cond in order
+            }
             tps = {name: got[name] for name, _, _ in jobs}  # one fixed key order for every round
             names_in_order = [name for name, _, _ in order]
             runs.append(
