@@ -107,14 +107,6 @@ def index_add_sum(D: torch.Tensor, gid: torch.Tensor, G: int) -> torch.Tensor:
     return S
 
 
-def triton_traffic(L, N, H, k, elem) -> float:
-    """Modeled bytes the Triton path moves, over bytes of D: D once, P (fp32, one row per
-    group of <= 256 pairs) written by stage 1 and read by stage 3."""
-    G = -(-N // k)
-    items = G * -(-k // 256)
-    return (L * N * H * elem + 2 * L * items * H * 4) / (L * N * H * elem)
-
-
 def interpreter_check() -> dict:
     """Correctness and bit-identity of the Triton kernel in Triton's interpreter (CPU),
     on a tiny shape. Not timed."""
@@ -131,7 +123,7 @@ def interpreter_check() -> dict:
 
 
 def bench_shape(L, N, H, args, device) -> tuple[list[dict], dict]:
-    from roast_vllm.kernels.grouped_css import grouped_css_ref, grouped_css_triton
+    from roast_vllm.kernels.grouped_css import grouped_css_ref, grouped_css_triton, modeled_traffic
 
     k, dtype = args.pairs_per_question, DTYPES[args.dtype]
     D, w, g = make_inputs(L, N, H, k, dtype, device)
@@ -181,7 +173,7 @@ def bench_shape(L, N, H, args, device) -> tuple[list[dict], dict]:
         sync(device)
 
     by = {r["path"]: r["GBps_of_D"] for r in rows}
-    traffic = round(triton_traffic(L, N, H, k, D.element_size()), 4)
+    traffic = round(modeled_traffic(L, N, H, k, D.element_size()), 4)
     summary = {"shape": shape, "checks": checks, "modeled_triton_traffic_over_D": traffic}
     if "triton" in by:
         gsum = max(by.get("torch grouped sum", 0.0), by["torch index_add_"])

@@ -27,25 +27,25 @@ Layers, as in Liger-Kernel: Triton kernels (``_kernels``) -> launcher
 Triton path (no atomics: every output element is written by one program, every sum runs
 in an order fixed by the shapes alone, so results are bit-identical run to run):
 
-    plan    pairs sorted by group (stable argsort); each group cut into work items of
-            <= ``chunk`` (256) pairs. A group of one item (the usual case: a question has
-            ~16 pairs) is "whole".
-    stage 1 grid (items, L). Item sum ``S = sum w_i D[l, i]`` over the whole H row, H in
-            BLOCK_H blocks, pairs in BLOCK_N steps (fp32). Whole item: stores
-            ``mu = S / sum w`` to ``P[l, item]`` plus the CSS row statistics
-            (max |mu|, sum mu^2, or softmax max / sum exp, over all H) to ``STATS[l, g]``.
-            Otherwise stores ``S``. D is read exactly once, here.
-    stage 2 grid (groups of > 1 item, L); skipped when there are none. Sums the group's
-            item rows in item order, stores ``mu`` into the group's first item row, and
-            the row statistics.
-    stage 3 grid (H blocks, splits, L). ``sum_g CSS(mu_g)`` over a fixed range of groups
-            (a split), from ``P`` and ``STATS``, as a [BLOCK_G, BLOCK_H] tile sum.
-    stage 4 grid (H blocks, L); only with > 1 split. Sums the splits in order.
+    plan    pairs sorted by group (stable argsort). A group of <= ``chunk`` (256) pairs is
+            "whole" (the usual case: a question has ~16 pairs); a larger one is cut into
+            work items of <= ``chunk`` pairs.
+    stage 1 grid (programs, L) over the whole groups, ``gpp`` consecutive groups per
+            program. Per group: ``mu = sum w_i D[l, i] / sum w`` over the whole H row (H in
+            BLOCK_H blocks, pairs in BLOCK_N steps, fp32) into the program's scratch row,
+            with the CSS row statistics (max |mu|, sum mu^2, or online softmax); then
+            ``CSS(mu)`` added into the program's output row ``Q[l, p]``. D is read
+            exactly once, here; the scratch row is the same H * 4 bytes for every group
+            (L2-resident), and Q costs one row per ``gpp`` groups.
+    groups of several items (rare; three small launches): item sums into ``P``, joined
+            into the group's first item row with its statistics, then ``sum CSS(mu_g)``
+            over fixed ranges of those groups (splits) into more rows of ``Q``.
+    final   grid (H blocks, L): the rows of Q summed in order, divided by G ("mean").
 
-Traffic for bf16 D with k pairs per group (all groups whole): D once, plus P written
-(stage 1) and read (stage 3), 2 * 4 / (2 k) of D: 1.25 x D at k = 16, 1.125 x D for fp32
-D. Offsets into D, P, STATS and the split buffer are int64 (they pass 2^31 elements, e.g.
-D [64, 20000, 5120] or P for singletons); item and group indices stay int32.
+Traffic for bf16 D with k pairs per group (all groups whole): D once, plus ~12 H bytes per
+program (:func:`modeled_traffic`): 1.02 x D for D [30, 100000, 576] and 1.04 x D for
+D [64, 20000, 5120] at k = 16. Offsets into D, Q, P and the scratch rows are int64 (they
+pass 2^31 elements, e.g. D [64, 20000, 5120]); group, item and row indices stay int32.
 """
 
 from __future__ import annotations
@@ -68,8 +68,13 @@ _CHUNK = 256
 #: flight per program for a streaming kernel, few enough registers for high occupancy
 #: (71-96 registers, no spills, in stage 1 for sm_90). Not yet tuned on a GPU.
 _TILE = 4096
-#: At most this many group splits in stage 3, so stage 4 sums few rows.
+#: At most this many group splits in stage 3, so the final sum reads few rows.
 _MAX_SPLITS = 512
+#: Stage-1 programs to aim for over all layers (a few waves on a 132-SM GPU) ...
+_MIN_PROGRAMS = 8192
+#: ... and the most whole groups one program takes (its fixed cost, one Q row and one
+#: scratch row, ~12 H bytes, is then <= 3% of the D it reads at 16 bf16 pairs per group).
+_MAX_GPP = 32
 #: On CPU tensors the Triton path runs only in the interpreter (tests), where every Triton
 #: op is a numpy call wrapped in ~50 us of Python: there the launcher takes fewer, larger
 #: blocks (H blocks of next_power_of_2(H) up to 1024, 8x larger tiles). Same kernels, same
@@ -153,50 +158,135 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def item_sum_kernel(
+    def whole_groups_kernel(
         D,
         WS,
         PERM,
-        ITEM_START,
-        ITEM_END,
-        ITEM_GROUP,
-        ITEM_WHOLE,
-        P,
-        STATS,
+        W_START,
+        W_END,
+        MU,
+        Q,
         H,
-        n_items,
-        G,
+        n_whole,
+        gpp,
+        n_prog,
+        n_rows,
         stride_dl,
         stride_dn,
         MODE: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_H: tl.constexpr,
     ):
-        # grid (items, L): items on axis 0, whose limit is 2^31 - 1 (axes 1 and 2 stop at
-        # 65535, and singletons make N items); neighbouring programs read neighbouring pairs.
-        item = tl.program_id(0)
+        # grid (programs, L): programs on axis 0, whose limit is 2^31 - 1 (axes 1 and 2 stop
+        # at 65535). Program p takes the whole groups [p * gpp, (p + 1) * gpp) in order and
+        # writes one row Q[l, p] = sum of CSS(mu_g) over them. mu_g goes through the
+        # program's own scratch row MU[l, p], read back once its statistics over all of H
+        # are known: the same H * 4 bytes for every group, so they stay in L2 and D is the
+        # only stream from DRAM.
+        p = tl.program_id(0)
         # int64 before any multiply: l * stride_dl and idx * stride_dn pass 2^31 elements
         # (D [64, 20000, 5120]: 63 * 20000 * 5120 = 6.5e9) while each stride fits int32,
         # so Triton would do them in int32 and wrap to a wild address
         l = tl.program_id(1).to(tl.int64)
+        d_layer = D + l * stride_dl
+        mu_row = MU + (l * n_prog + p) * H
+        q_row = Q + (l * n_rows + p) * H
+        for h0 in range(0, H, BLOCK_H):
+            offs_h = h0 + tl.arange(0, BLOCK_H)
+            tl.store(q_row + offs_h, tl.zeros([BLOCK_H], dtype=tl.float32), mask=offs_h < H)
+        g_hi = tl.minimum(p * gpp + gpp, n_whole)
+        for grp in range(p * gpp, g_hi):
+            start = tl.load(W_START + grp)
+            end = tl.load(W_END + grp)
+            # the group's weight sum, in pair order (WS = w sorted like the pairs)
+            wsum = 0.0
+            for s in range(start, end, BLOCK_N):
+                offs_n = s + tl.arange(0, BLOCK_N)
+                wsum += tl.sum(tl.load(WS + offs_n, mask=offs_n < end, other=0.0), axis=0)
+            denom = tl.where(wsum != 0.0, wsum, 1.0)
+            a = 0.0
+            b = 0.0
+            for h0 in range(0, H, BLOCK_H):
+                offs_h = h0 + tl.arange(0, BLOCK_H)
+                mask_h = offs_h < H
+                # 2-D accumulator, reduced over pairs once per H block: one cross-lane
+                # reduction per block instead of one per BLOCK_N pairs, in a fixed order
+                acc = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
+                for s in range(start, end, BLOCK_N):
+                    offs_n = s + tl.arange(0, BLOCK_N)
+                    mask_n = offs_n < end
+                    idx = tl.load(PERM + offs_n, mask=mask_n, other=0).to(tl.int64)
+                    wv = tl.load(WS + offs_n, mask=mask_n, other=0.0)
+                    ptrs = d_layer + idx[:, None] * stride_dn + offs_h[None, :]
+                    d = tl.load(ptrs, mask=mask_n[:, None] & mask_h[None, :], other=0.0)
+                    acc += d.to(tl.float32) * wv[:, None]
+                mu = tl.where(wsum != 0.0, tl.sum(acc, axis=0) / denom, 0.0)
+                tl.store(mu_row + offs_h, mu, mask=mask_h)
+                # running CSS statistics of the row, in H order: max |mu| (max_norm), sum
+                # mu^2 (l2), or online softmax: a = max |mu|, b = sum exp(|mu| - a). Lanes
+                # past H hold mu = 0: harmless (|mu| >= 0 and a starts at 0), masked out of
+                # b. (Inlined, also in group_combine_kernel: the interpreter re-executes
+                # kernel source against the module's globals, where a jit helper defined
+                # in _kernels is not found.)
+                if MODE == 0:
+                    a = tl.maximum(a, tl.max(tl.abs(mu), axis=0))
+                elif MODE == 1:
+                    a += tl.sum(mu * mu, axis=0)
+                elif MODE == 2:
+                    m = tl.maximum(a, tl.max(tl.abs(mu), axis=0))
+                    b = b * tl.exp(a - m) + tl.sum(tl.where(mask_h, tl.exp(tl.abs(mu) - m), 0.0), axis=0)
+                    a = m
+            # every lane's stores (mu, and Q zeroed or summed so far) land before any lane
+            # reads them back: a load need not run on the lane that stored the element
+            tl.debug_barrier()
+            # the divisor; the clamp keeps a zero row at zero
+            if MODE == 0:
+                div = tl.maximum(a, 1e-30)
+            elif MODE == 1:
+                div = tl.maximum(tl.sqrt(a), 1e-30)
+            else:
+                div = 1.0
+            for h0 in range(0, H, BLOCK_H):
+                offs_h = h0 + tl.arange(0, BLOCK_H)
+                mask_h = offs_h < H
+                mu = tl.load(mu_row + offs_h, mask=mask_h, other=0.0)
+                if MODE == 2:  # H * softmax(|mu|) * sign(mu); sign(0) = 0
+                    sgn = tl.where(mu > 0, 1.0, tl.where(mu < 0, -1.0, 0.0))
+                    beta = H * (tl.exp(tl.abs(mu) - a) / b) * sgn
+                else:
+                    beta = mu / div
+                q = tl.load(q_row + offs_h, mask=mask_h, other=0.0)
+                tl.store(q_row + offs_h, q + beta, mask=mask_h)
+            # the next group's mu overwrites MU only after every lane has read this one's
+            tl.debug_barrier()
+
+    @triton.jit
+    def item_sum_kernel(
+        D,
+        WS,
+        PERM,
+        ITEM_START,
+        ITEM_END,
+        P,
+        H,
+        n_items,
+        stride_dl,
+        stride_dn,
+        BLOCK_N: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+    ):
+        # grid (items, L), for groups of more than `chunk` pairs cut into items:
+        # P[l, item] = sum over the item's pairs of w_i D[l, i] (fp32, pair order). The
+        # pair loop is whole_groups_kernel's, inlined for the interpreter (see there).
+        item = tl.program_id(0)
+        l = tl.program_id(1).to(tl.int64)  # int64: see whole_groups_kernel
         start = tl.load(ITEM_START + item)
         end = tl.load(ITEM_END + item)
-        whole = tl.load(ITEM_WHOLE + item) != 0
-        # the item's weight sum, in pair order (WS = w sorted like the pairs)
-        wsum = 0.0
-        for s in range(start, end, BLOCK_N):
-            offs_n = s + tl.arange(0, BLOCK_N)
-            wsum += tl.sum(tl.load(WS + offs_n, mask=offs_n < end, other=0.0), axis=0)
-        denom = tl.where(wsum != 0.0, wsum, 1.0)
         d_layer = D + l * stride_dl
-        p_row = P + (l * n_items + item) * H  # int64: L * items * H passes 2^31 for singletons
-        a = 0.0
-        b = 0.0
+        p_row = P + (l * n_items + item) * H
         for h0 in range(0, H, BLOCK_H):
             offs_h = h0 + tl.arange(0, BLOCK_H)
             mask_h = offs_h < H
-            # 2-D accumulator, reduced over pairs once per H block: one cross-lane
-            # reduction per block instead of one per BLOCK_N pairs, in a fixed order
             acc = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
             for s in range(start, end, BLOCK_N):
                 offs_n = s + tl.arange(0, BLOCK_N)
@@ -206,42 +296,20 @@ def _kernels():
                 ptrs = d_layer + idx[:, None] * stride_dn + offs_h[None, :]
                 d = tl.load(ptrs, mask=mask_n[:, None] & mask_h[None, :], other=0.0)
                 acc += d.to(tl.float32) * wv[:, None]
-            s_row = tl.sum(acc, axis=0)
-            mu = tl.where(wsum != 0.0, s_row / denom, 0.0)
-            tl.store(p_row + offs_h, tl.where(whole, mu, s_row), mask=mask_h)
-            # running CSS statistics of the row, in H order: max |mu| (max_norm), sum mu^2
-            # (l2), or online softmax: a = max |mu|, b = sum exp(|mu| - a). Lanes past H
-            # hold mu = 0: harmless (|mu| >= 0 and a starts at 0), masked out of b.
-            # (Inlined, also in group_combine_kernel: the interpreter re-executes kernel
-            # source against the module's globals, where a jit helper defined in
-            # _kernels is not found.)
-            if MODE == 0:
-                a = tl.maximum(a, tl.max(tl.abs(mu), axis=0))
-            elif MODE == 1:
-                a += tl.sum(mu * mu, axis=0)
-            elif MODE == 2:
-                m = tl.maximum(a, tl.max(tl.abs(mu), axis=0))
-                b = b * tl.exp(a - m) + tl.sum(tl.where(mask_h, tl.exp(tl.abs(mu) - m), 0.0), axis=0)
-                a = m
-        if whole:
-            # raw statistics; css_sum_kernel turns them into the divisor
-            st = STATS + (l * G + tl.load(ITEM_GROUP + item)) * 2  # int64: L * G * 2 may pass 2^31
-            tl.store(st, a)
-            tl.store(st + 1, b)
+            tl.store(p_row + offs_h, tl.sum(acc, axis=0), mask=mask_h)
 
     @triton.jit
     def group_combine_kernel(
         P,
         WS,
         STATS,
-        MULTI,
-        GROUP_ITEM0,
-        GROUP_NITEMS,
-        GROUP_START,
-        GROUP_END,
+        M_ITEM0,
+        M_NITEMS,
+        M_START,
+        M_END,
         H,
         n_items,
-        G,
+        n_multi,
         MODE: tl.constexpr,
         BLOCK_I: tl.constexpr,
         BLOCK_H: tl.constexpr,
@@ -249,12 +317,12 @@ def _kernels():
     ):
         # grid (groups of several items, L). mu of the group goes into its first item's
         # row: each block of that row is read (into acc) before it is overwritten.
-        grp = tl.load(MULTI + tl.program_id(0))
+        grp = tl.program_id(0)
         l = tl.program_id(1).to(tl.int64)
-        item0 = tl.load(GROUP_ITEM0 + grp)
-        nit = tl.load(GROUP_NITEMS + grp)
-        start = tl.load(GROUP_START + grp)
-        end = tl.load(GROUP_END + grp)
+        item0 = tl.load(M_ITEM0 + grp)
+        nit = tl.load(M_NITEMS + grp)
+        start = tl.load(M_START + grp)
+        end = tl.load(M_END + grp)
         wacc = tl.zeros([BLOCK_W], dtype=tl.float32)
         for s in range(start, end, BLOCK_W):
             offs = s + tl.arange(0, BLOCK_W)
@@ -274,7 +342,7 @@ def _kernels():
                 acc += tl.load(rows + offs_i.to(tl.int64)[:, None] * H + offs_h[None, :], mask=m, other=0.0)
             mu = tl.where(wsum != 0.0, tl.sum(acc, axis=0) / denom, 0.0)
             tl.store(rows + offs_h, mu, mask=mask_h)
-            if MODE == 0:  # as in item_sum_kernel
+            if MODE == 0:  # as in whole_groups_kernel
                 a = tl.maximum(a, tl.max(tl.abs(mu), axis=0))
             elif MODE == 1:
                 a += tl.sum(mu * mu, axis=0)
@@ -282,7 +350,7 @@ def _kernels():
                 m = tl.maximum(a, tl.max(tl.abs(mu), axis=0))
                 b = b * tl.exp(a - m) + tl.sum(tl.where(mask_h, tl.exp(tl.abs(mu) - m), 0.0), axis=0)
                 a = m
-        st = STATS + (l * G + grp) * 2
+        st = STATS + (l * n_multi + grp) * 2  # int64
         tl.store(st, a)
         tl.store(st + 1, b)
 
@@ -290,35 +358,36 @@ def _kernels():
     def css_sum_kernel(
         P,
         STATS,
-        GROUP_ROW,
+        M_ITEM0,
         OUT,
         H,
         n_items,
-        G,
+        n_multi,
         groups_per_split,
-        n_split,
-        div,
+        row0,
+        n_rows,
         MODE: tl.constexpr,
         BLOCK_G: tl.constexpr,
         BLOCK_H: tl.constexpr,
     ):
-        # grid (H blocks, splits, L): OUT[l, split, h] = sum over the split's groups of
-        # CSS(mu_g)[h] / div. Each lane sums its groups in order, then one fixed-shape
-        # tree over BLOCK_G: the same order on every run.
+        # grid (H blocks, splits, L), over the groups of several items:
+        # OUT[l, row0 + split, h] = sum over the split's groups of CSS(mu_g)[h]. Each lane
+        # sums its groups in order, then one fixed-shape tree over BLOCK_G: the same order
+        # on every run.
         offs_h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
         mask_h = offs_h < H
         sp = tl.program_id(1)
         l = tl.program_id(2).to(tl.int64)
         g_lo = sp * groups_per_split
-        g_hi = tl.minimum(g_lo + groups_per_split, G)
+        g_hi = tl.minimum(g_lo + groups_per_split, n_multi)
         acc = tl.zeros([BLOCK_G, BLOCK_H], dtype=tl.float32)
         for g0 in range(g_lo, g_hi, BLOCK_G):
             offs_g = g0 + tl.arange(0, BLOCK_G)
             mask_g = offs_g < g_hi
-            row = tl.load(GROUP_ROW + offs_g, mask=mask_g, other=0).to(tl.int64)
+            row = tl.load(M_ITEM0 + offs_g, mask=mask_g, other=0).to(tl.int64)  # mu: first item's row
             m = mask_g[:, None] & mask_h[None, :]
             mu = tl.load(P + (l * n_items + row)[:, None] * H + offs_h[None, :], mask=m, other=0.0)
-            st = STATS + (l * G + offs_g) * 2
+            st = STATS + (l * n_multi + offs_g) * 2
             if MODE == 0:  # max_norm: mu / max |mu|; the clamp keeps a zero row at zero
                 a = tl.maximum(tl.load(st, mask=mask_g, other=1.0), 1e-30)
                 beta = mu / a[:, None]
@@ -333,23 +402,22 @@ def _kernels():
             else:
                 beta = mu
             acc += beta  # masked lanes: mu = 0, so beta = 0 in every mode
-        tot = tl.sum(acc, axis=0) / div
-        tl.store(OUT + (l * n_split + sp) * H + offs_h, tot, mask=mask_h)
+        tl.store(OUT + (l * n_rows + row0 + sp) * H + offs_h, tl.sum(acc, axis=0), mask=mask_h)
 
     @triton.jit
-    def split_sum_kernel(Q, OUT, H, n_split, div, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr):
-        # grid (H blocks, L): OUT[l, h] = sum over splits, in order, of Q[l, split, h] / div
+    def rows_sum_kernel(Q, OUT, H, n_rows, div, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr):
+        # grid (H blocks, L): OUT[l, h] = sum over rows, in order, of Q[l, row, h] / div
         offs_h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
         mask_h = offs_h < H
         l = tl.program_id(1).to(tl.int64)
         acc = tl.zeros([BLOCK_S, BLOCK_H], dtype=tl.float32)
-        for s0 in range(0, n_split, BLOCK_S):
+        for s0 in range(0, n_rows, BLOCK_S):
             offs_s = s0 + tl.arange(0, BLOCK_S)
-            m = (offs_s < n_split)[:, None] & mask_h[None, :]
-            acc += tl.load(Q + (l * n_split + offs_s)[:, None] * H + offs_h[None, :], mask=m, other=0.0)
+            m = (offs_s < n_rows)[:, None] & mask_h[None, :]
+            acc += tl.load(Q + (l * n_rows + offs_s)[:, None] * H + offs_h[None, :], mask=m, other=0.0)
         tl.store(OUT + l * H + offs_h, tl.sum(acc, axis=0) / div, mask=mask_h)
 
-    return item_sum_kernel, group_combine_kernel, css_sum_kernel, split_sum_kernel
+    return whole_groups_kernel, item_sum_kernel, group_combine_kernel, css_sum_kernel, rows_sum_kernel
 
 
 def _block_h(H: int, cap: int) -> int:
@@ -365,6 +433,27 @@ def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def groups_per_program(n_whole: int, L: int) -> int:
+    """Whole groups per stage-1 program on a GPU: as many as keep >= ``_MIN_PROGRAMS``
+    programs over all layers (to fill the device), at most ``_MAX_GPP``. Each program adds
+    one fp32 row of Q (written, read once) and of its L2-resident scratch, ~12 H bytes,
+    spread over its groups' ``gpp * k * H * elem`` bytes of D."""
+    return max(1, min(_MAX_GPP, n_whole * L // _MIN_PROGRAMS))
+
+
+def modeled_traffic(L: int, N: int, H: int, k: int, elem: int, chunk: int = _CHUNK) -> float:
+    """Bytes the Triton path moves, over bytes of D, for N pairs in groups of ``k``:
+    D once; per stage-1 program its Q row written and read and its scratch row written
+    back once (12 H); per work item of a group of > ``chunk`` pairs, its P row written and
+    read (8 H). Stage 3's and the final sum's reads of their own outputs are counted."""
+    G = -(-N // k)
+    if k > chunk:
+        extra = 8 * G * -(-k // chunk) * H
+    else:
+        extra = 12 * -(-G // groups_per_program(G, L)) * H
+    return 1 + L * extra / (L * N * H * elem)
+
+
 def grouped_css_triton(
     D: torch.Tensor,
     w: torch.Tensor,
@@ -373,12 +462,15 @@ def grouped_css_triton(
     grouped: bool = True,
     reduction: str = "mean",
     chunk: int = _CHUNK,
+    gpp: int | None = None,
 ) -> torch.Tensor:
     """Launcher for the Triton path (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).
-    ``chunk``: most pairs per work item (tests lower it to reach the multi-item path)."""
+    ``chunk``: most pairs in a whole group / in one work item of a larger group; ``gpp``:
+    whole groups per stage-1 program (default :func:`groups_per_program`). Tests lower both
+    to reach every path."""
     _check(D, w, g, mode, reduction)
-    if chunk < 1:
-        raise ValueError(f"chunk={chunk}; must be >= 1")
+    if chunk < 1 or (gpp is not None and gpp < 1):
+        raise ValueError(f"chunk={chunk}, gpp={gpp}; both must be >= 1")
     L, N, H = D.shape
     dev = D.device
     D = D if D.stride(2) == 1 else D.contiguous()
@@ -388,104 +480,136 @@ def grouped_css_triton(
     order = torch.argsort(gid, stable=True)
     counts = torch.bincount(gid, minlength=G)  # every group has >= 1 pair (unique labels)
     g_start = torch.cumsum(counts, 0) - counts
-    g_nitems = (counts + chunk - 1) // chunk
-    g_item0 = torch.cumsum(g_nitems, 0) - g_nitems
+    g_end = g_start + counts
+    is_multi = counts > chunk
+    g_nitems = torch.where(is_multi, (counts + chunk - 1) // chunk, 0)
     # one host sync for the sizes that shape the launches
-    n_items, max_len, max_nitems = torch.stack([g_nitems.sum(), counts.max(), g_nitems.max()]).tolist()
-    max_len = min(max_len, chunk)
-    item_group = torch.repeat_interleave(torch.arange(G, device=dev), g_nitems, output_size=n_items)
-    item_start = g_start[item_group] + (torch.arange(n_items, device=dev) - g_item0[item_group]) * chunk
-    item_end = torch.minimum(item_start + chunk, (g_start + counts)[item_group])
-    item_whole = g_nitems[item_group] == 1
-    multi = torch.nonzero(g_nitems > 1).flatten() if max_nitems > 1 else None
+    n_multi, n_items, max_nitems, max_whole = torch.stack(
+        [is_multi.sum(), g_nitems.sum(), g_nitems.max(), torch.where(is_multi, 0, counts).max()]
+    ).tolist()
+    n_whole = G - n_multi
 
-    if dev.type == "cpu" and _INTERPRETER_BLOCKS:
+    interp = dev.type == "cpu" and _INTERPRETER_BLOCKS
+    if interp:
         tile, block_h, bh3 = 8 * _TILE, min(1024, _pow2(H)), min(1024, _pow2(H))
     else:
         tile, block_h, bh3 = _TILE, _block_h(H, 1024), _block_h(H, 128)
+    if gpp is None:
+        # the interpreter runs programs one by one: few programs, several groups each
+        gpp = -(-n_whole // 4) if interp else groups_per_program(n_whole, L)
+    gpp = max(1, gpp)
+    n_prog = -(-n_whole // gpp)
 
     i32 = torch.int32
     ws = w.to(torch.float32)[order].contiguous()
-    P = torch.empty(L, n_items, H, dtype=torch.float32, device=dev)
-    stats = torch.empty(L, G, 2, dtype=torch.float32, device=dev)
-    item_sum, group_combine, css_sum, split_sum = _kernels()
+    perm = order.to(i32)
+    whole_k, item_sum, group_combine, css_sum, rows_sum = _kernels()
     mode_id = _MODE_ID[mode]
 
-    item_sum[(n_items, L)](
-        D,
-        ws,
-        order.to(i32),
-        item_start.to(i32),
-        item_end.to(i32),
-        item_group.to(i32),
-        item_whole.to(i32),
-        P,
-        stats,
-        H,
-        n_items,
-        G,
-        D.stride(0),
-        D.stride(1),
-        MODE=mode_id,
-        BLOCK_N=min(_pow2(max_len), max(1, tile // block_h)),
-        BLOCK_H=block_h,
-        num_warps=4,
-    )
-    if multi is not None:
-        group_combine[(multi.numel(), L)](
+    # groups of several items: P rows per item, combined into the first; stage 3 splits
+    if n_multi:
+        m_groups = torch.nonzero(is_multi).flatten()
+        m_nitems = g_nitems[m_groups]
+        m_item0 = torch.cumsum(m_nitems, 0) - m_nitems
+        m_start, m_end = g_start[m_groups], g_end[m_groups]
+        ig = torch.repeat_interleave(torch.arange(n_multi, device=dev), m_nitems, output_size=n_items)
+        item_start = m_start[ig] + (torch.arange(n_items, device=dev) - m_item0[ig]) * chunk
+        item_end = torch.minimum(item_start + chunk, m_end[ig])
+        block_g = min(_pow2(n_multi), max(1, tile // bh3))
+        # >= 8 tiles per program, <= _MAX_SPLITS splits; a multiple of BLOCK_G
+        gps = max(8 * block_g, -(-n_multi // _MAX_SPLITS))
+        gps = -(-gps // block_g) * block_g
+        n_split = -(-n_multi // gps)
+    else:
+        n_split = 0
+    n_rows = n_prog + n_split
+    Q = torch.empty(L, n_rows, H, dtype=torch.float32, device=dev)
+
+    if n_whole:
+        whole = torch.nonzero(~is_multi).flatten()
+        whole_k[(n_prog, L)](
+            D,
+            ws,
+            perm,
+            g_start[whole].to(i32),
+            g_end[whole].to(i32),
+            torch.empty(L, n_prog, H, dtype=torch.float32, device=dev),  # scratch mu rows
+            Q,
+            H,
+            n_whole,
+            gpp,
+            n_prog,
+            n_rows,
+            D.stride(0),
+            D.stride(1),
+            MODE=mode_id,
+            BLOCK_N=min(_pow2(max_whole), max(1, tile // block_h)),
+            BLOCK_H=block_h,
+            num_warps=4,
+        )
+    if n_multi:
+        P = torch.empty(L, n_items, H, dtype=torch.float32, device=dev)
+        stats = torch.empty(L, n_multi, 2, dtype=torch.float32, device=dev)
+        item_sum[(n_items, L)](
+            D,
+            ws,
+            perm,
+            item_start.to(i32),
+            item_end.to(i32),
+            P,
+            H,
+            n_items,
+            D.stride(0),
+            D.stride(1),
+            BLOCK_N=min(_pow2(chunk), max(1, tile // block_h)),
+            BLOCK_H=block_h,
+            num_warps=4,
+        )
+        group_combine[(n_multi, L)](
             P,
             ws,
             stats,
-            multi.to(i32),
-            g_item0.to(i32),
-            g_nitems.to(i32),
-            g_start.to(i32),
-            (g_start + counts).to(i32),
+            m_item0.to(i32),
+            m_nitems.to(i32),
+            m_start.to(i32),
+            m_end.to(i32),
             H,
             n_items,
-            G,
+            n_multi,
             MODE=mode_id,
             BLOCK_I=min(_pow2(max_nitems), max(1, tile // block_h)),
             BLOCK_H=block_h,
             BLOCK_W=1024,
             num_warps=4,
         )
-
-    div = float(G) if reduction == "mean" else 1.0
-    out = torch.empty(L, H, dtype=torch.float32, device=dev)
-    block_g = min(_pow2(G), max(1, tile // bh3))
-    # >= 8 tiles per program, <= _MAX_SPLITS splits; a multiple of BLOCK_G
-    gps = max(8 * block_g, -(-G // _MAX_SPLITS))
-    gps = -(-gps // block_g) * block_g
-    n_split = -(-G // gps)
-    target = out if n_split == 1 else torch.empty(L, n_split, H, dtype=torch.float32, device=dev)
-    css_sum[(-(-H // bh3), n_split, L)](
-        P,
-        stats,
-        g_item0.to(i32),  # a group's mu row is its first item's row
-        target,
-        H,
-        n_items,
-        G,
-        gps,
-        n_split,
-        div if n_split == 1 else 1.0,
-        MODE=mode_id,
-        BLOCK_G=block_g,
-        BLOCK_H=bh3,
-        num_warps=4,
-    )
-    if n_split > 1:
-        split_sum[(-(-H // bh3), L)](
-            target,
-            out,
+        css_sum[(-(-H // bh3), n_split, L)](
+            P,
+            stats,
+            m_item0.to(i32),
+            Q,
             H,
-            n_split,
-            div,
-            BLOCK_S=min(_pow2(n_split), max(1, tile // bh3)),
+            n_items,
+            n_multi,
+            gps,
+            n_prog,
+            n_rows,
+            MODE=mode_id,
+            BLOCK_G=block_g,
             BLOCK_H=bh3,
             num_warps=4,
         )
+
+    out = torch.empty(L, H, dtype=torch.float32, device=dev)
+    rows_sum[(-(-H // bh3), L)](
+        Q,
+        out,
+        H,
+        n_rows,
+        float(G) if reduction == "mean" else 1.0,
+        BLOCK_S=min(_pow2(n_rows), max(1, tile // bh3)),
+        BLOCK_H=bh3,
+        num_warps=4,
+    )
     return out
 
 

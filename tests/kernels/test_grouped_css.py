@@ -172,26 +172,67 @@ def test_reduction_sum_is_G_times_mean(impl, mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_split_groups_and_split_sums(monkeypatch, mode):
     """The paths the default matrix reaches rarely: groups cut into several work items
-    (``chunk`` small: stage 2 sums their rows) and the group sum cut into several splits
-    (``_TILE`` and ``_MAX_SPLITS`` small: stage 4 sums the splits)."""
+    (``chunk`` small: item sums joined per group) and their CSS sum cut into several
+    splits (``_TILE`` and ``_MAX_SPLITS`` small), beside whole groups."""
     D, w, g = make(60, 64, "uneven", torch.float32, seed=4)
     g = torch.where(torch.arange(60) < 12, 5, g)  # one big group, 12 pairs, among small ones
     ref = grouped_css_ref(D, w, g, mode)
     for chunk in (1, 5):
         torch.testing.assert_close(grouped_css_triton(D, w, g, mode, chunk=chunk), ref, **TOL[torch.float32])
-    G = torch.unique(g).numel()
-    assert 16 < G <= 32
+    # chunk 1: the 16 groups of >= 2 pairs take the several-items path
+    assert int((torch.unique(g, return_counts=True)[1] > 1).sum()) == 16
     monkeypatch.setattr(mod, "_INTERPRETER_BLOCKS", False)  # the GPU's block sizes
-    monkeypatch.setattr(mod, "_TILE", 128)  # H = 64: BLOCK_G = 2, 8 tiles = 16 groups a split
-    torch.testing.assert_close(grouped_css_triton(D, w, g, mode, chunk=3), ref, **TOL[torch.float32])
-    monkeypatch.setattr(mod, "_TILE", 64)  # BLOCK_G = 1: 8 groups a split, but
-    monkeypatch.setattr(mod, "_MAX_SPLITS", 2)  # at most 2 splits: cdiv(G, 2) groups a split
-    torch.testing.assert_close(grouped_css_triton(D, w, g, mode), ref, **TOL[torch.float32])
+    monkeypatch.setattr(mod, "_TILE", 128)  # H = 64: BLOCK_G = 2, 8 tiles = 16 groups, 1 split
+    torch.testing.assert_close(grouped_css_triton(D, w, g, mode, chunk=1), ref, **TOL[torch.float32])
+    monkeypatch.setattr(mod, "_TILE", 64)  # BLOCK_G = 1: 8 groups a split, 2 splits
+    torch.testing.assert_close(grouped_css_triton(D, w, g, mode, chunk=1), ref, **TOL[torch.float32])
+    monkeypatch.setattr(mod, "_MAX_SPLITS", 1)  # at most 1 split: all 16 groups in it
+    torch.testing.assert_close(grouped_css_triton(D, w, g, mode, chunk=1), ref, **TOL[torch.float32])
     torch.testing.assert_close(
         grouped_css_triton(D, w, g, mode, grouped=False, chunk=16),
         grouped_css_ref(D, w, g, mode, grouped=False),
         **TOL[torch.float32],
     )
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("blocks", ["interpreter", "gpu"])
+def test_groups_per_program(monkeypatch, mode, blocks):
+    """Stage 1 takes ``gpp`` whole groups per program through one scratch row and sums
+    their CSS into one output row: every ``gpp`` (one group each, a ragged last program,
+    all groups in one program) gives the reference, with big groups beside (chunk 4)."""
+    monkeypatch.setattr(mod, "_INTERPRETER_BLOCKS", blocks == "interpreter")
+    D, w, g = make(40, 96, "uneven", torch.float32, seed=11)
+    g = torch.where(torch.arange(40) < 9, 3, g)  # one group of 9 pairs: several items at chunk 4
+    G = torch.unique(g).numel()
+    ref = grouped_css_ref(D, w, g, mode)
+    for gpp, chunk in ((1, 256), (3, 4), (G, 256)):  # ungrouped below: one group, any gpp
+        out = grouped_css_triton(D, w, g, mode, chunk=chunk, gpp=gpp)
+        torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    torch.testing.assert_close(
+        grouped_css_triton(D, w, g, mode, grouped=False, chunk=4),
+        grouped_css_ref(D, w, g, mode, grouped=False),
+        **TOL[torch.float32],
+    )
+    # the scratch row is reused: a zero-weight group after a non-zero one still gives zero
+    w0 = torch.where(g == g[-1], 0.0, w)
+    torch.testing.assert_close(
+        grouped_css_triton(D, w0, g, mode, gpp=G), grouped_css_ref(D, w0, g, mode), **TOL[torch.float32]
+    )
+
+
+def test_modeled_traffic_near_one_read_of_D():
+    """The launcher's plan on the benchmark's shapes (16 bf16 pairs per question) moves at
+    most 1.125 x the bytes of D (a plain view + sum in torch reads D once and writes its
+    fp32 [L, G, H] result: 1.125 x), and programs enough to fill a GPU."""
+    for L, N, H in ((30, 100_000, 576), (64, 20_000, 5120)):
+        G = N // 16
+        gpp = mod.groups_per_program(G, L)
+        assert L * -(-G // gpp) >= mod._MIN_PROGRAMS
+        assert mod.modeled_traffic(L, N, H, 16, 2) <= 1.05
+    assert mod.groups_per_program(3, 2) == 1
+    with pytest.raises(ValueError, match="gpp"):
+        grouped_css_triton(*make(4, 8, "one", torch.float32), gpp=0)
 
 
 def test_block_h_choice():
@@ -283,9 +324,9 @@ _GPU_BIG = "needs a CUDA GPU: offsets past 2^31 elements (D 5.2 GB, P up to 10.5
 @pytest.mark.parametrize("groups, chunk", [("16", 256), ("singletons", 256), ("pairs", 1)])
 def test_gpu_offsets_past_int32(groups, chunk):
     """D [64, 20000, 2048] bf16: layer 63 starts at 63 * 20000 * 2048 = 2.6e9 elements
-    (layers >= 53 past 2^31). Singletons also put P [64, 20000, 2048] fp32 past 2^31
-    (stage 1 writes, stage 3 reads); groups of two cut into one-pair items do the same for
-    stage 2's reads and writes. int32 offsets crashed with an illegal memory access."""
+    (layers >= 53 past 2^31). Groups of two cut into one-pair items put the item rows
+    P [64, 20000, 2048] fp32 past 2^31 too (written by the item sums, read by the join and
+    the CSS sum). int32 offsets crashed with an illegal memory access."""
     if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
         pytest.skip("needs >= 24 GiB of GPU memory")
     L, N, H = 64, 20_000, 2048
@@ -328,10 +369,69 @@ for name, size, stride, g in (
 def test_d_offsets_past_int32():
     """The launcher's offsets into D are 64-bit, checked on CPU without 6 GiB of data: the
     interpreter does int32 arithmetic in int32 too, so a wrapped offset is a wild read (a
-    segfault, hence a separate process). Offsets into P, STATS and the split buffer pass
-    2^31 only when those buffers really hold that much (8 GiB of fp32, far too slow to
+    segfault, hence a separate process). Offsets into P, Q and the scratch rows pass 2^31
+    only when those buffers really hold that much (8 GiB of fp32, far too slow to
     interpret): the GPU test covers them."""
     from conftest import run_isolated
 
     out = run_isolated(_PAST_INT32)
     assert "layer stride ok" in out and "pair stride ok" in out, out
+
+
+_COMPILE_SM90 = """
+import os, subprocess, tempfile
+os.environ["TRITON_INTERPRET"] = "0"
+import importlib
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+mod = importlib.import_module("roast_vllm.kernels.grouped_css")
+whole, item_sum, combine, css_sum, rows_sum = mod._kernels()
+P, I, F = "*fp32", "*i32", "fp32"
+cases = []
+for d, bh, bn in (("*bf16", mod._block_h(576, 1024), 32), ("*bf16", mod._block_h(5120, 1024), 4)):
+    for mode in (0, 1, 2):
+        cases.append((whole, dict(D=d, WS=P, PERM=I, W_START=I, W_END=I, MU=P, Q=P, H="i32", n_whole="i32",
+                      gpp="i32", n_prog="i32", n_rows="i32", stride_dl="i64", stride_dn="i32"),
+                      dict(MODE=mode, BLOCK_N=bn, BLOCK_H=bh)))
+    cases.append((item_sum, dict(D=d, WS=P, PERM=I, ITEM_START=I, ITEM_END=I, P=P, H="i32", n_items="i32",
+                  stride_dl="i64", stride_dn="i32"), dict(BLOCK_N=bn, BLOCK_H=bh)))
+cases.append((combine, dict(P=P, WS=P, STATS=P, M_ITEM0=I, M_NITEMS=I, M_START=I, M_END=I, H="i32",
+              n_items="i32", n_multi="i32"), dict(MODE=2, BLOCK_I=4, BLOCK_H=1024, BLOCK_W=1024)))
+cases.append((css_sum, dict(P=P, STATS=P, M_ITEM0=I, OUT=P, H="i32", n_items="i32", n_multi="i32",
+              groups_per_split="i32", row0="i32", n_rows="i32"), dict(MODE=2, BLOCK_G=32, BLOCK_H=128)))
+cases.append((rows_sum, dict(Q=P, OUT=P, H="i32", n_rows="i32", div=F), dict(BLOCK_S=32, BLOCK_H=128)))
+ptxas_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+for fn, sig, consts in cases:
+    sig.update({k: "constexpr" for k in consts})
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 4})
+    path = tempfile.mktemp(suffix=".cubin")
+    with open(path, "wb") as f:
+        f.write(k.asm["cubin"])
+    use = subprocess.run([os.path.join(ptxas_dir, "cuobjdump"), "--dump-resource-usage", path],
+                         capture_output=True, text=True, check=True).stdout
+    line = next(l for l in use.splitlines() if "REG:" in l).split()
+    print(fn.__name__, consts, line[0], line[3])
+"""
+
+
+def test_kernels_compile_for_sm90_without_spills():
+    """The interpreter does not compile: here every kernel is compiled for an H100/H200
+    (sm_90) with Triton's own ptxas, at the GPU block sizes of the benchmark shapes, and
+    must use no local memory (register spills would turn the stream into local traffic)."""
+    import os
+
+    import triton
+
+    if not os.path.exists(
+        os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    ):
+        pytest.skip("this Triton wheel ships no NVIDIA toolchain (ptxas, cuobjdump)")
+    from conftest import run_isolated
+
+    lines = run_isolated(_COMPILE_SM90).splitlines()
+    assert len(lines) == 11, lines
+    for line in lines:
+        assert line.endswith("LOCAL:0"), line
