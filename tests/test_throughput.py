@@ -68,7 +68,7 @@ def test_interleaved_rounds_run_every_engine_and_condition_once(monkeypatch):
 
     class Engine:
         def __init__(self, name, speed):
-            self.name, self.speed, self.warm, self.closed = name, speed, 0, False
+            self.name, self.speed, self.warm, self.closed, self.cpu = name, speed, 0, False, 0.0
 
         def generate(self, prompts, params, use_tqdm=False):
             self.warm += 1
@@ -92,12 +92,15 @@ def test_interleaved_rounds_run_every_engine_and_condition_once(monkeypatch):
         steered = params[0].extra_args is not None
         timed.append((llm.name, steered))
         base = llm.speed * (0.9 if steered else 1.0)
+        llm.cpu += 1000.0 / base  # the worker's CPU seconds do not drift with the machine
         return base * (1 + next(drift) // 4 * 0.5)  # the machine is 50% faster each round
 
     monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
     monkeypatch.setattr(tp, "start_stock", start_stock)
     monkeypatch.setattr(tp, "start_steering", start_steering)
     monkeypatch.setattr(tp, "_timed", _timed)
+    monkeypatch.setattr(tp, "worker_procs", lambda e: [e])
+    monkeypatch.setattr(tp, "cpu_seconds", lambda procs: procs[0].cpu)
     monkeypatch.setattr(llm_mod, "shutdown", lambda e: setattr(e, "closed", True))
     cfg = BenchConfig(model="m", engine_kwargs={}, num_prompts=4, ks=[2], sites=["residual"])
     rows, runs = tp.measure_interleaved(cfg, rounds=3)
@@ -114,6 +117,10 @@ def test_interleaved_rounds_run_every_engine_and_condition_once(monkeypatch):
     assert by[NOTHING]["ratio"] == pytest.approx(0.95)
     assert by[condition_name(2, "residual")]["ratio"] == pytest.approx(0.95 * 0.9)
     assert by[tp.STOCK]["tokens_per_s"] == 150.0
+    # each run's worker CPU seconds, taken around that run only: stock / condition
+    assert all(set(r["worker_cpu_s"]) == set(jobs) for r in runs)
+    assert by[NOTHING]["cpu_ratio"] == pytest.approx(0.95)
+    assert by[condition_name(2, "residual")]["cpu_ratio_max"] == pytest.approx(0.95 * 0.9)
 
     def boom(cfg):
         raise RuntimeError("engine failed to start")
@@ -123,3 +130,19 @@ def test_interleaved_rounds_run_every_engine_and_condition_once(monkeypatch):
     with pytest.raises(RuntimeError, match="failed to start"):
         tp.measure_interleaved(cfg, rounds=1)
     assert len(started) == 2 and all(e.closed for e in started)
+
+
+def test_worker_cpu_seconds_of_real_processes():
+    """``cpu_seconds`` reads real processes' CPU time (it grows with work); an object that
+    is no vLLM engine has no worker processes, so no CPU figure rather than an error."""
+    import psutil
+
+    from roast_vllm.engine.throughput import cpu_seconds, worker_procs
+
+    me = [psutil.Process()]
+    t0 = cpu_seconds(me)
+    sum(i * i for i in range(2_000_000))
+    assert cpu_seconds(me) > t0
+    assert cpu_seconds([]) is None and worker_procs(object()) == []
+    rows = summarize([{"tokens_per_s": {STOCK: 1.0, NOTHING: 1.0}}], [STOCK, NOTHING])
+    assert "cpu_ratio" not in rows[1]  # runs without CPU figures: the column is left out

@@ -101,6 +101,25 @@ def _timed(llm, prompts: list[str], params: list) -> float:
     return sum(len(o.outputs[0].token_ids) for o in outs) / dt
 
 
+def worker_procs(llm) -> list:
+    """psutil handles of the processes that run a ``vllm.LLM``'s forward passes: the
+    children of its engine-core process(es) (vLLM's multiprocess executor puts the model
+    worker there), else the engine core itself; [] where vLLM keeps the engine in this
+    process or psutil is missing (the CPU-time ratio is then left out)."""
+    try:
+        import psutil
+
+        cores = [psutil.Process(p.pid) for p in llm.llm_engine.engine_core.resources.engine_manager.processes]
+    except Exception:  # noqa: BLE001 - any other vLLM layout: no CPU figure, not an error
+        return []
+    return [c for p in cores for c in p.children(recursive=True)] or cores
+
+
+def cpu_seconds(procs: list) -> float | None:
+    """User + system CPU seconds the processes have used so far (None: none given)."""
+    return sum(sum(p.cpu_times()[:2]) for p in procs) if procs else None
+
+
 def start_stock(cfg: BenchConfig, env_runner: str | None):
     """Stock ``vllm.LLM`` on the model runner ``VLLM_USE_V2_MODEL_RUNNER=env_runner`` picks
     (None: vLLM's own default; the steering engine pins V1)."""
@@ -237,26 +256,32 @@ def measure_interleaved(cfg: BenchConfig, rounds: int) -> tuple[list[dict], list
         # (name, engine, requests): stock engines get the plain requests of NOTHING
         jobs = [(c, engines[c], NOTHING) for c in engines if c != "steering"]
         jobs += [(c, steering, c) for c in cfg.conditions()]
+        # worker CPU seconds per run: the worker is CPU-bound on the forward, so CPU time
+        # tracks its work without the wall clock's stalls from the rest of the machine
+        procs = {id(llm): worker_procs(llm) for llm in engines.values()}
         for _, llm, cond in tqdm(jobs, desc="warm-up (every engine and condition once)"):
             llm.generate(prompts, _steer_params(cfg, cond, names, cfg.warmup_tokens), use_tqdm=False)
         runs = []
         for r in tqdm(range(rounds), desc="interleaved rounds"):
             k = r % len(jobs)
             order = jobs[k:] + jobs[:k]
-            got = {
-                name: _timed(llm, prompts, _steer_params(cfg, cond, names, cfg.max_tokens))
-                for name, llm, cond in order
-            }
+            got, cpu = {}, {}
+            for name, llm, cond in order:
+                c0 = cpu_seconds(procs[id(llm)])
+                got[name] = _timed(llm, prompts, _steer_params(cfg, cond, names, cfg.max_tokens))
+                if c0 is not None:
+                    cpu[name] = round(cpu_seconds(procs[id(llm)]) - c0, 3)
             tps = {name: got[name] for name, _, _ in jobs}  # one fixed key order for every round
             names_in_order = [name for name, _, _ in order]
-            runs.append(
-                {
-                    "repeat": r,
-                    "order": names_in_order,
-                    "stock_first": names_in_order.index(STOCK) < names_in_order.index(NOTHING),
-                    "tokens_per_s": tps,
-                }
-            )
+            run = {
+                "repeat": r,
+                "order": names_in_order,
+                "stock_first": names_in_order.index(STOCK) < names_in_order.index(NOTHING),
+                "tokens_per_s": tps,
+            }
+            if len(cpu) == len(jobs):
+                run["worker_cpu_s"] = {name: cpu[name] for name, _, _ in jobs}
+            runs.append(run)
             tqdm.write(
                 f"round {r + 1}: stock {tps[STOCK]:.1f} tok/s; "
                 + ", ".join(f"{c}: {tps[c] / tps[STOCK]:.3f}" for c in tps if c != STOCK)
@@ -276,8 +301,13 @@ def summarize(runs: list[dict], conditions: list[str]) -> list[dict]:
     second in a repeat may run faster or slower for reasons of its own (measured here: ~10%),
     and with an odd number of repeats one order has more votes. It is the geometric mean of
     the two orders' geometric-mean ratios (stock first / steering first); with one order
-    only, the plain geometric mean."""
+    only, the plain geometric mean.
+
+    Where every run recorded its engine's worker CPU seconds (``worker_cpu_s``; same tokens
+    in every run), ``cpu_ratio`` is the median of ``cpu[stock] / cpu[cond]`` per repeat,
+    with its min-max: like the tokens/s ratio, 1.0 = as cheap as stock, lower = costlier."""
     rows = []
+    with_cpu = bool(runs) and all("worker_cpu_s" in r for r in runs)
     for cond in conditions:
         tps = [r["tokens_per_s"][cond] for r in runs]
         ratios = [r["tokens_per_s"][cond] / r["tokens_per_s"][STOCK] for r in runs]
@@ -297,20 +327,29 @@ def summarize(runs: list[dict], conditions: list[str]) -> list[dict]:
                 "paired_ratios": [round(x, 4) for x in ratios],
             }
         )
+        if with_cpu:
+            cr = [r["worker_cpu_s"][STOCK] / r["worker_cpu_s"][cond] for r in runs]
+            rows[-1].update(
+                cpu_ratio=round(statistics.median(cr), 4),
+                cpu_ratio_min=round(min(cr), 4),
+                cpu_ratio_max=round(max(cr), 4),
+            )
     return rows
 
 
 FIELDS = ["condition", "tokens_per_s", "ratio", "ratio_balanced", "ratio_min", "ratio_max", "repeats"]
+CPU_FIELDS = ["cpu_ratio", "cpu_ratio_min", "cpu_ratio_max"]
 
 
 def write_results(rows: list[dict], runs: list[dict], meta: dict, out: Path, stem: str) -> None:
     """``<stem>.csv``, ``<stem>.json`` (with every run) and ``<stem>.png`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"{stem}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS + ["paired_ratios"])
+        fields = FIELDS + (CPU_FIELDS if rows and "cpu_ratio" in rows[0] else [])
+        w = csv.DictWriter(f, fieldnames=fields + ["paired_ratios"])
         w.writeheader()
         for r in rows:
-            w.writerow({**{k: r[k] for k in FIELDS}, "paired_ratios": " ".join(map(str, r["paired_ratios"]))})
+            w.writerow({**{k: r[k] for k in fields}, "paired_ratios": " ".join(map(str, r["paired_ratios"]))})
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows, "runs": runs}, indent=2))
     import matplotlib
 
@@ -331,6 +370,8 @@ def write_results(rows: list[dict], runs: list[dict], meta: dict, out: Path, ste
     for r, yi in zip(rr, y):  # every paired ratio as a dot, the order-balanced one as a diamond
         ax.plot(r["paired_ratios"], [yi] * len(r["paired_ratios"]), "k.", ms=4)
         ax.plot([r["ratio_balanced"]], [yi], "D", color="#dd8452", ms=5)
+        if "cpu_ratio" in r:  # worker CPU seconds, stock / condition
+            ax.plot([r["cpu_ratio"]], [yi], "x", color="#2a9d2a", ms=7, mew=2)
         ax.text(1.3, yi, f"{r['ratio']:.3f}  ({r['tokens_per_s']:.0f} tok/s)", va="center", fontsize=9)
     ax.set_yticks(y, [r["condition"] for r in rr])
     ax.axvline(1.0, color="k", lw=0.8)
@@ -359,9 +400,14 @@ def print_table(rows: list[dict], meta: dict) -> None:
         f"\n{meta['mode']} mode, {meta['num_prompts']} prompts x {meta['max_tokens']} tokens, "
         f"{meta['repeats']} {meta.get('unit', 'engine pairs')}, {meta['machine']}"
     )
-    print(f"{'condition':<32} {'tokens/s':>9} {'median':>7} {'balanced':>8}  min-max of paired ratios")
+    cpu = bool(rows) and "cpu_ratio" in rows[0]
+    print(
+        f"{'condition':<32} {'tokens/s':>9} {'median':>7} {'balanced':>8}  min-max of paired ratios"
+        + ("   worker CPU ratio (min-max)" if cpu else "")
+    )
     for r in rows:
         print(
             f"{r['condition']:<32} {r['tokens_per_s']:>9.1f} {r['ratio']:>7.3f} {r['ratio_balanced']:>8.3f}  "
             f"{r['ratio_min']:.3f}-{r['ratio_max']:.3f}"
+            + (f"   {r['cpu_ratio']:.3f} ({r['cpu_ratio_min']:.3f}-{r['cpu_ratio_max']:.3f})" if cpu else "")
         )
