@@ -36,7 +36,8 @@ SCALE_STEP = 1.1
 
 
 def near_misses(vec: SteeringVector, spec: SteerSpec) -> dict[str, tuple[SteeringVector, SteerSpec]]:
-    """``{label: (vector, spec)}``: layers shifted by +1 and -1, scale times ``SCALE_STEP``."""
+    """``{label: (vector, spec)}``: layers shifted by +1 and -1, scale times ``SCALE_STEP``;
+    a per-third scale also with its thirds rotated (a segment off by one)."""
     L = vec.num_layers
     layers = spec.layers if spec.layers is not None else tuple(vec.layers)
     out = {}
@@ -44,7 +45,11 @@ def near_misses(vec: SteeringVector, spec: SteerSpec) -> dict[str, tuple[Steerin
         moved = {l + d: vec.directions[l] for l in layers if 0 <= l + d < L}
         shifted = SteeringVector(directions=moved, num_layers=L, site=vec.site)
         out[f"layer{d:+d}"] = (shifted, dataclasses.replace(spec, layers=tuple(sorted(moved))))
-    out[f"scale x{SCALE_STEP}"] = (vec, dataclasses.replace(spec, scale=spec.scale * SCALE_STEP))
+    per = isinstance(spec.scale, tuple)
+    stepped = tuple(x * SCALE_STEP for x in spec.scale) if per else spec.scale * SCALE_STEP
+    out[f"scale x{SCALE_STEP}"] = (vec, dataclasses.replace(spec, scale=stepped))
+    if per and len(spec.scale) == 3:
+        out["thirds rotated"] = (vec, dataclasses.replace(spec, scale=spec.scale[1:] + spec.scale[:1]))
     return out
 
 
@@ -105,7 +110,8 @@ def _sp(extra=None):
 
 
 def _extra(spec: SteerSpec) -> dict:
-    e = {"steer_vector": spec.vector, "steer_scale": spec.scale, "steer_positions": spec.positions}
+    scale = list(spec.scale) if isinstance(spec.scale, tuple) else spec.scale
+    e = {"steer_vector": spec.vector, "steer_scale": scale, "steer_positions": spec.positions}
     if spec.layers is not None:
         e["steer_layers"] = list(spec.layers)
     if spec.start is not None:
@@ -165,8 +171,8 @@ def check_position_scope(llm, hf_model, positions: str) -> list[dict]:
 
 
 def check_side_by_side(llm, hf_model) -> list[dict]:
-    """Distinct vectors, scales, layer sets, scopes and both sites in one batch, with plain
-    requests between them."""
+    """Distinct vectors, scales (one per third of the layers too), layer sets, scopes and
+    both sites in one batch, with plain requests between them."""
     a, b = residual_vector(llm, seed=101), residual_vector(llm, seed=102, layers=list(range(5, 25)))
     m = mlp_vector(llm, seed=103, layers=list(range(6, 20)))
     for name, v in (("ref_a", a), ("ref_b", b), ("ref_m", m)):
@@ -178,6 +184,7 @@ def check_side_by_side(llm, hf_model) -> list[dict]:
         (m, SteerSpec("ref_m", 3.0, None, "last_prompt_and_generated")),
         None,
         (a, SteerSpec("ref_a", 7.0, tuple(range(2, 28)), "prompt")),
+        (a, SteerSpec("ref_a", (3.0, 8.0, -5.0))),
     ]
     prompts = [SCOPE_PROMPTS[i % len(SCOPE_PROMPTS)] for i in range(len(configs))]
     return check_batch(llm, hf_model, prompts, configs)

@@ -42,6 +42,11 @@ def test_defaults_and_xargs_strings():
         ({"steer_vector": "v", "steer_layers": []}, "empty"),
         ({"steer_vector": "v", "steer_positions": "middle"}, "not one of"),
         ({"steer_vector": "v", "steer_scael": 1}, "unknown steering keys"),
+        ({"steer_vector": "v", "steer_scale": [1.0, "x", 2.0]}, "number"),
+        ({"steer_vector": "v", "steer_scale": "1,inf,2"}, "finite"),
+        ({"steer_vector": "v", "steer_scale": [1.0, 2e4, 1.0]}, "out of range"),
+        ({"steer_vector": "v", "steer_scale": []}, "entries"),
+        ({"steer_vector": "v", "steer_scale": [1.0] * 5000}, "entries"),
     ],
     ids=[
         "no-vector",
@@ -55,6 +60,11 @@ def test_defaults_and_xargs_strings():
         "empty-layers",
         "bad-positions",
         "typo-key",
+        "text-in-scale-list",
+        "inf-in-scale-string",
+        "huge-layer-scale",
+        "empty-scale-list",
+        "scale-list-too-long",
     ],
 )
 def test_bad_args(args, match):
@@ -71,6 +81,32 @@ def test_check_against_registry():
         check_against(SteerSpec("v", layers=(31,)), vecs, 30)
     with pytest.raises(SteeringRequestError, match="steer_layers \\[5\\]: vector .v. has no direction"):
         check_against(SteerSpec("v", layers=(5,)), vecs, 30)
+
+
+def test_per_layer_scales():
+    """``steer_scale`` as 3 numbers (thirds of the layers) or one per layer, from a list
+    or vllm_xargs' ``"a,b,c"`` string; checked against the model's layer count."""
+    s = parse_steer_args({"steer_vector": "v", "steer_scale": "1, -0.5,2"})
+    assert s.scale == (1.0, -0.5, 2.0) and s.max_abs_scale == 2.0
+    assert parse_steer_args({"steer_vector": "v", "steer_scale": [3]}).scale == 3.0
+    # 30 layers: 0-9, 10-19, 20-29; 32 layers: 0-10, 11-21, 22-31
+    assert s.layer_scales(30) == [1.0] * 10 + [-0.5] * 10 + [2.0] * 10
+    assert s.layer_scales(32) == [1.0] * 11 + [-0.5] * 11 + [2.0] * 10
+    assert SteerSpec("v", 2.0).layer_scales(4) == [2.0] * 4
+    per = SteerSpec("v", (0.0, 1.0, 2.0, 3.0))
+    assert per.layer_scales(4) == [0.0, 1.0, 2.0, 3.0]
+    vecs = {"v": VectorInfo(layers=(0, 1, 2, 3), dim=8, site="residual", max_abs=1.0)}
+    check_against(per, vecs, 4)
+    check_against(s, vecs, 4)
+    with pytest.raises(SteeringRequestError, match="4 entries.*one per layer \\(30\\)"):
+        check_against(per, vecs, 30)
+    big = {"v": VectorInfo(layers=(0,), dim=8, site="residual", max_abs=2000.0)}
+    check_against(SteerSpec("v", (1.0, 2.0, 1.0)), big, 3, None, "float16")  # adds <= 4096
+    with pytest.raises(SteeringRequestError, match="steer_scale=3 too large"):  # the largest entry counts
+        check_against(SteerSpec("v", (1.0, 3.0, 1.0)), big, 3, None, "float16")
+    # distinct per-layer scales are distinct configurations (slot key and cache salt)
+    assert s.slot_key != SteerSpec("v", (1.0, 2.0, -0.5)).slot_key
+    assert s.cache_salt(5) != SteerSpec("v", (1.0, 2.0, -0.5)).cache_salt(5)
 
 
 @pytest.mark.parametrize(

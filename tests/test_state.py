@@ -5,7 +5,7 @@ import torch
 
 from roast_vllm import SteeringVector
 from roast_vllm.engine.spec import SteerSpec
-from roast_vllm.engine.state import SteeringState
+from roast_vllm.engine.state import SteeringState, SteeringVectorError
 
 L, H = 4, 8
 
@@ -29,6 +29,23 @@ def test_slot_table_rows(st):
     st.release(i)
     st.release(j)
     assert st.active_slots() == 0
+
+
+def test_per_layer_scale_is_folded_into_the_slot_rows(st):
+    """A per-layer ``steer_scale`` (3 thirds or one per layer) multiplies each layer's row
+    of the slot, whose scale is then 1: ``table * scale`` is the same fp32 product the
+    scalar path forms. Other scales are other slots; a bad length is refused."""
+    per = st.acquire(SteerSpec("b", scale=(0.5, -2.0, 0.0, 3.0)))
+    assert st.slot_scale[per] == 1.0
+    for l, s in enumerate((0.5, -2.0, 0.0, 3.0)):
+        assert torch.equal(st.table[l, per], torch.full((H,), -s))
+    thirds = st.acquire(SteerSpec("a", scale=(1.5, 4.0, -1.0)))  # 4 layers: 0-1 | 2 | 3
+    assert thirds != per
+    want = {1: 1.5 * 1.0, 2: 4.0 * 2.0}  # "a" has layers 1 (ones) and 2 (twos)
+    for l in range(L):
+        assert torch.equal(st.table[l, thirds], torch.full((H,), want.get(l, 0.0)))
+    with pytest.raises(SteeringVectorError, match="5 entries"):
+        st.acquire(SteerSpec("a", scale=(1.0,) * 5))
 
 
 def test_slot_exhaustion_is_loud(st):

@@ -8,7 +8,10 @@ str/int/float or lists of them), so parsing accepts strings for numbers and
 key                meaning                                                 default
 =================  ======================================================  ===========
 steer_vector       name of a registered vector                             (required)
-steer_scale        float multiplier, ``|scale| <= MAX_SCALE``              1.0
+steer_scale        float multiplier, ``|scale| <= MAX_SCALE``; or one per  1.0
+                   layer segment: 3 floats (early / middle / late thirds
+                   of the model's layers, as Fusion Steering's segmented
+                   form) or one float per model layer (``"1,0.5,2"``)
 steer_layers       list of layer ints                                      vector's own
 steer_positions    all | prompt | generated | last_prompt_and_generated    all
 steer_start        int: steer absolute positions >= this one (overrides    (unset)
@@ -56,16 +59,48 @@ class SteeringRequestError(ValueError):
     """A request's steer_* arguments are invalid (the message names the key)."""
 
 
+#: Most entries of a per-layer ``steer_scale`` (a model has far fewer layers).
+MAX_SCALES = 4096
+
+
+def segment_of(layer: int, num_layers: int) -> int:
+    """Third (0 early, 1 middle, 2 late) that ``layer`` of ``num_layers`` falls in:
+    ``min(3 * layer // num_layers, 2)``; 30 layers: 0-9, 10-19, 20-29."""
+    return min(3 * layer // num_layers, 2)
+
+
 @dataclass(frozen=True)
 class SteerSpec:
-    """One request's steering choice (validated)."""
+    """One request's steering choice (validated).
+
+    ``scale``: one float for every layer, or a tuple: 3 entries (one per third of the
+    model's layers, :func:`segment_of`) or one per model layer. Layer ``l`` adds
+    ``layer_scales(L)[l] * v_l``."""
 
     vector: str
-    scale: float = 1.0
+    scale: float | tuple[float, ...] = 1.0
     layers: tuple[int, ...] | None = None  # None: every layer the vector has
     positions: str = "all"
     start: int | None = None  # steer positions >= start (overrides ``positions``)
     digest: str | None = None  # the vector version (front-end stamp); None: the current one
+
+    @property
+    def max_abs_scale(self) -> float:
+        return max(abs(x) for x in self.scale) if isinstance(self.scale, tuple) else abs(self.scale)
+
+    def layer_scales(self, num_layers: int) -> list[float]:
+        """The scale of each of ``num_layers`` layers. A tuple of neither 3 nor
+        ``num_layers`` entries is refused (``SteeringRequestError``)."""
+        if not isinstance(self.scale, tuple):
+            return [float(self.scale)] * num_layers
+        if len(self.scale) == num_layers:
+            return list(self.scale)
+        if len(self.scale) == 3:
+            return [self.scale[segment_of(l, num_layers)] for l in range(num_layers)]
+        raise SteeringRequestError(
+            f"steer_scale has {len(self.scale)} entries; give one number, 3 (early / middle / "
+            f"late thirds of the layers) or one per layer ({num_layers})"
+        )
 
     @property
     def slot_key(self) -> tuple:
@@ -111,6 +146,23 @@ def _as_float(key: str, v: Any) -> float:
     if abs(f) > MAX_SCALE:
         raise SteeringRequestError(f"{key}={f:g} is out of range: |{key}| must be <= {MAX_SCALE:g}")
     return f
+
+
+def _as_scale(v: Any) -> float | tuple[float, ...]:
+    """``steer_scale``: a number (or numeric string), or a list / ``"a,b,c"`` string of
+    2..``MAX_SCALES`` numbers (one per third or per layer; checked against the model in
+    :func:`check_against`). A one-entry list is that number."""
+    if isinstance(v, str) and "," in v:
+        v = [p for p in v.replace(" ", "").split(",")]
+    if not isinstance(v, (list, tuple)):
+        return _as_float("steer_scale", v)
+    if not v or len(v) > MAX_SCALES:
+        raise SteeringRequestError(
+            f"steer_scale has {len(v)} entries; give one number, 3 (early / middle / late "
+            "thirds of the layers) or one per layer"
+        )
+    out = tuple(_as_float("steer_scale", x) for x in v)
+    return out[0] if len(out) == 1 else out
 
 
 def _as_index(key: str, v: Any, what: str) -> int:
@@ -180,7 +232,7 @@ def parse_steer_args(extra_args: Any) -> SteerSpec | None:
         raise SteeringRequestError(
             f"steer_vector must be a vector name (str of 1..{MAX_NAME_LEN} chars), got {name!r:.80}"
         )
-    scale = _as_float("steer_scale", present.get("steer_scale", 1.0))
+    scale = _as_scale(present.get("steer_scale", 1.0))
     layers = _as_layers(present["steer_layers"]) if "steer_layers" in present else None
     positions = present.get("steer_positions", "all")
     if not isinstance(positions, str) or positions not in POSITIONS:
@@ -274,15 +326,17 @@ def check_against(
                 f"steer_layers {missing}: vector {spec.vector!r} has no direction there; "
                 f"it has layers {list(info.layers)}"
             )
+    if isinstance(spec.scale, tuple) and num_layers is not None:
+        spec.layer_scales(num_layers)  # 3 or num_layers entries, else a clear error
     if spec.start is not None and max_model_len is not None and spec.start >= max_model_len:
         raise SteeringRequestError(
             f"steer_start={spec.start} is beyond the model's maximum length {max_model_len}: "
             "nothing would be steered"
         )
     limit = max_delta(dtype)
-    if abs(spec.scale) * info.max_abs > limit:
+    if spec.max_abs_scale * info.max_abs > limit:
         raise SteeringRequestError(
-            f"steer_scale={spec.scale:g} too large for vector {spec.vector!r}: it would add "
-            f"{abs(spec.scale) * info.max_abs:.3g} to an activation (largest |element| "
+            f"steer_scale={spec.max_abs_scale:g} too large for vector {spec.vector!r}: it would "
+            f"add {spec.max_abs_scale * info.max_abs:.3g} to an activation (largest |element| "
             f"{info.max_abs:.3g}); the limit for this model's dtype is {limit:g}"
         )

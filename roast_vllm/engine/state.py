@@ -4,10 +4,11 @@ Shapes (``L`` layers, ``S = max_steering_slots + 1`` slots, ``H`` hidden, ``R`` 
 ``max_num_seqs`` batch rows, ``T`` = max tokens per step)::
 
     table       [L, S, H]  fp32; table[l, s] = v_s[l] (0 where slot s does not steer
-                           layer l); slot 0 is all zeros = "no steering"
+                           layer l; times the layer's own scale for a per-layer
+                           ``steer_scale``); slot 0 is all zeros = "no steering"
     mlp_table   [L, S, I]  fp32, the same for ``mlp_act`` vectors (I = MLP width on
                            this rank); a slot's row is zero in the table of the other site
-    slot_scale  [S]        fp32 scale of each slot (0 for slot 0)
+    slot_scale  [S]        fp32 scale of each slot (0 for slot 0; 1 for a per-layer one)
     slot_mlp    [S]        int64, 1 where the slot's vector is an ``mlp_act`` one
     token_slot  [T]        int64, the residual-site slot of each token of the current step
     mlp_token_slot [T]     int64, the same for ``mlp_act`` slots
@@ -295,8 +296,16 @@ class SteeringState(nn.Module):
         missing = [l for l in layers if l not in vec.directions]
         if missing:
             raise SteeringVectorError(f"vector {spec.vector!r} has no direction for layers {missing}")
-        if not (math.isfinite(spec.scale) and abs(spec.scale) <= MAX_SCALE):
+        per_layer = isinstance(spec.scale, tuple)
+        if not all(
+            math.isfinite(x) and abs(x) <= MAX_SCALE for x in (spec.scale if per_layer else [spec.scale])
+        ):
             raise SteeringVectorError(f"steer_scale {spec.scale!r} out of range (|scale| <= {MAX_SCALE:g})")
+        if per_layer:
+            try:
+                layer_scales = spec.layer_scales(self.num_layers)
+            except SteeringRequestError as e:
+                raise SteeringVectorError(str(e)) from None
         key = (digest, spec.scale, spec.layers)
         slot = self._slots.get(key)
         if slot is None:
@@ -312,10 +321,15 @@ class SteeringState(nn.Module):
             for l in layers:
                 # tensor parallel: this rank's MLP columns are one contiguous slice
                 rows[l] = vec.directions[l][rank * width : (rank + 1) * width]
+                if per_layer:
+                    # a per-layer scale is folded into the slot's own rows (fp32, the same
+                    # product the ops form from table * scale), with the slot's scale 1.0:
+                    # no per-layer buffer, the ops and the captured graphs are unchanged
+                    rows[l] *= layer_scales[l]
             # the other site's rows of this slot are already zero: free slots hold nothing
             # (zeroed at start and by _release_index)
             (self.mlp_table if mlp else self.table)[:, index].copy_(rows)
-            self.slot_scale[index] = spec.scale
+            self.slot_scale[index] = 1.0 if per_layer else spec.scale
             self.slot_mlp[index] = int(mlp)
             slot = _Slot(index, key, mlp=mlp)
             self._slots[key] = slot

@@ -7,6 +7,8 @@
 - ``caa``: CAA from two prompt files.
 - ``hf``: the transformers reference of steering and residual capture that the engine is
   checked against.
+- ``fusion``: Fusion Steering's coefficients, prompts, overlap / objective, and its
+  transformers reference in the cached (engine) and uncached (paper) semantics.
 
 Rollouts themselves (sampling, sharding, resuming) are the runtime's
 (``roast_vllm.runtime.rollout``); serving a vector is the engine's.

@@ -31,17 +31,19 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 @contextmanager
 def steering_hooks(model, vector: SteeringVector, spec: SteerSpec, prompt_len: int):
-    """Add ``spec.scale * v_l`` to the output of each steered layer (``mlp_act`` vectors:
-    of the layer's ``mlp.act_fn``, SiLU(gate)), at the absolute positions
-    ``spec.token_range(prompt_len)`` (inputs must start at position 0)."""
+    """Add ``s_l * v_l`` to the output of each steered layer (``mlp_act`` vectors: of the
+    layer's ``mlp.act_fn``, SiLU(gate)), at the absolute positions
+    ``spec.token_range(prompt_len)`` (inputs must start at position 0). ``s_l`` is
+    ``spec.layer_scales(L)[l]``: the scale, or its entry for layer ``l``'s third / layer."""
     layers = spec.layers if spec.layers is not None else tuple(vector.layers)
+    scales = spec.layer_scales(len(decoder_layers(model)))
     lo, hi = spec.token_range(prompt_len)
     handles = []
     for l in layers:
 
         def hook(_mod, _inp, out, l=l):
             h = out[0] if isinstance(out, tuple) else out
-            delta = (spec.scale * vector.directions[l]).to(h.dtype)
+            delta = (scales[l] * vector.directions[l]).to(h.dtype)
             pos = torch.arange(h.shape[-2], device=h.device)
             mask = ((pos >= lo) & (pos < hi)).to(h.dtype)[:, None]
             h = h + mask * delta.to(h.device)

@@ -1,0 +1,225 @@
+"""Fusion Steering (``../shared/METHODS.md``): prompt-specific injection at every layer.
+
+For one prompt with reference vectors ``r [L, H]`` (the reference text's residual stream
+after each layer, averaged over its answer-and-explanation positions) and one coefficient
+per layer ``c_l = alpha_seg(l) * gamma_seg(l)`` (only the product matters), at layer ``l``
+and position ``p``, with ``x_l(p)`` the layer's output *before* its own injection::
+
+    cached   (a serving engine's; this module's reference of it)
+             m_l(p) = (1 / (p + 1)) * sum_{q <= p} x_l(q)       running mean, prompt and
+             h_l(p) = x_l(p) + c_l * (r_l - m_l(p))              generated positions alike
+    uncached (the authors': every step re-reads the whole sequence, no KV cache)
+             m_l    = mean over all T positions of x_l
+             h_l(p) = x_l(p) + c_l * (r_l - m_l)                 at every position
+
+Cached, position ``p``'s delta is fixed once ``p`` is computed (a KV cache keeps it);
+uncached, every step moves the mean and so every earlier position's delta too. The two
+agree at ``c = 0`` and for a one-token sequence.
+
+Here: the coefficients (full-layer or segmented by thirds), the prompts of METHODS.md,
+the overlap metric and search objective, and the transformers forward-hook reference of
+both semantics that the engine is checked against. Sums run in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import torch
+
+from roast_vllm.engine.spec import segment_of
+from roast_vllm.methods.hf import decoder_layers
+
+SEMANTICS = ("cached", "uncached")
+EXPLANATION_MARKER = "Explanation:"
+
+
+# ------------------------------------------------------------------ coefficients
+def coefficients(
+    alpha: float | Sequence[float], gamma: float | Sequence[float], num_layers: int
+) -> list[float]:
+    """``c_l`` for each layer: full-layer (``alpha``, ``gamma`` numbers) or segmented
+    (3 each: early / middle / late thirds, ``spec.segment_of``). ``[num_layers]``."""
+    a = [float(alpha)] * 3 if isinstance(alpha, (int, float)) else [float(x) for x in alpha]
+    g = [float(gamma)] * 3 if isinstance(gamma, (int, float)) else [float(x) for x in gamma]
+    if len(a) != 3 or len(g) != 3:
+        raise ValueError(
+            f"alpha and gamma must be numbers or 3 numbers each (thirds), got {alpha!r}, {gamma!r}"
+        )
+    if not all(math.isfinite(x) for x in a + g):
+        raise ValueError(f"alpha and gamma must be finite, got {alpha!r}, {gamma!r}")
+    return [a[segment_of(l, num_layers)] * g[segment_of(l, num_layers)] for l in range(num_layers)]
+
+
+# ------------------------------------------------------------------ prompts and scores
+def explanation_prompt(question: str, ground_truth: str) -> str:
+    """What the model completes to explain the ground truth (METHODS.md, step 1)."""
+    return f"Question: {question}\nAnswer: {ground_truth}\n{EXPLANATION_MARKER}"
+
+
+def extract_explanation(text: str) -> str:
+    """The text after an explanation marker if the model wrote one, else all of it."""
+    _, sep, after = text.partition(EXPLANATION_MARKER)
+    return (after if sep else text).strip()
+
+
+def reference_text(question: str, ground_truth: str, explanation: str) -> tuple[str, str]:
+    """``(prefix, answer_and_explanation)``: the reference is their concatenation, and its
+    vectors average the residual stream over the second part's positions only."""
+    return f"Question: {question}\nAnswer and explanation:\n", f"{ground_truth}\n{explanation}"
+
+
+def generation_prompt(question: str) -> str:
+    """The prompt a steered request answers."""
+    return f"Question: {question}\nAnswer and explanation:"
+
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased word tokens with punctuation removed (``"U.S.-born"`` -> us, born)."""
+    return _WORD.findall(text.lower().replace(".", "").replace("'", ""))
+
+
+def overlap(output: str, ground_truth: str) -> float:
+    """Fraction of the ground truth's word tokens found among the output's (0 if the
+    ground truth has none)."""
+    gt = words(ground_truth)
+    if not gt:
+        return 0.0
+    seen = set(words(output))
+    return sum(w in seen for w in gt) / len(gt)
+
+
+def objective(overlap_value: float, ppl: float) -> float:
+    """The per-prompt search objective ``0.7 * overlap - 0.3 * min(PPL / 100, 1)``; a
+    non-finite PPL counts as the worst fluency."""
+    fluency_penalty = min(ppl / 100.0, 1.0) if math.isfinite(ppl) else 1.0
+    return 0.7 * overlap_value - 0.3 * fluency_penalty
+
+
+def perplexity(token_logprobs: Sequence[float]) -> float:
+    """``exp(-mean log p)`` of the generated tokens under the model that wrote them."""
+    if not token_logprobs:
+        return float("inf")
+    return math.exp(-sum(token_logprobs) / len(token_logprobs))
+
+
+# ------------------------------------------------------------------ transformers reference
+@contextmanager
+def fusion_hooks(model, refs: torch.Tensor, coeffs: Sequence[float], semantics: str = "cached"):
+    """Forward hooks on every decoder layer applying Fusion Steering to batch row 0.
+
+    ``refs [L, H]``, ``coeffs [L]``. ``cached``: the hooks keep each layer's running sum
+    and count across calls, so feed the sequence once (prompt in one call or in chunks,
+    then one token per call with a KV cache); within a call, position ``p`` uses the mean
+    up to ``p``. ``uncached``: every call is the whole sequence and uses its full mean."""
+    if semantics not in SEMANTICS:
+        raise ValueError(f"semantics={semantics!r}; use one of {SEMANTICS}")
+    layers = decoder_layers(model)
+    if refs.shape[0] != len(layers) or len(coeffs) != len(layers):
+        raise ValueError(
+            f"refs [L, H] and coeffs [L] need L = {len(layers)}, got {tuple(refs.shape)}, {len(coeffs)}"
+        )
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
+    handles = []
+    for l in range(len(layers)):
+
+        def hook(_mod, _inp, out, l=l):
+            h = out[0] if isinstance(out, tuple) else out
+            x = h[0].float()  # [T, H], before this layer's injection
+            T = x.shape[0]
+            if semantics == "cached":
+                prev, n = sums.get(l), counts.get(l, 0)
+                csum = torch.cumsum(x, 0) + (prev if prev is not None else 0.0)
+                m = csum / torch.arange(n + 1, n + T + 1, dtype=torch.float32)[:, None]
+                sums[l] = csum[-1]
+                counts[l] = n + T
+            else:
+                m = x.mean(0, keepdim=True)
+            delta = coeffs[l] * (refs[l].float() - m)
+            h = h.clone()
+            h[0] = (x + delta).to(h.dtype)
+            return (h, *out[1:]) if isinstance(out, tuple) else h
+
+        handles.append(layers[l].register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for hd in handles:
+            hd.remove()
+
+
+@torch.no_grad()
+def fusion_greedy_hf(
+    model,
+    prompt_ids: list[int],
+    refs: torch.Tensor,
+    coeffs: Sequence[float],
+    max_new_tokens: int,
+    semantics: str = "cached",
+    prefill_chunk: int | None = None,
+) -> tuple[list[int], torch.Tensor]:
+    """Greedy decoding under Fusion Steering. ``cached``: the prompt in chunks of
+    ``prefill_chunk`` tokens (None: one call), then one token per step with a KV cache;
+    ``uncached``: every step re-reads the whole sequence without a cache. Returns
+    ``(token_ids, logprobs [steps, vocab])``."""
+    ids = list(prompt_ids)
+    out, lps = [], []
+    with fusion_hooks(model, refs, coeffs, semantics):
+        if semantics == "cached":
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+            step = prefill_chunk or len(ids)
+            for s in range(0, len(ids), step):
+                logits = model(
+                    torch.tensor([ids[s : s + step]]), past_key_values=cache, use_cache=True
+                ).logits
+            for i in range(max_new_tokens):
+                lp = torch.log_softmax(logits[0, -1].float(), -1)
+                t = int(lp.argmax())
+                out.append(t)
+                lps.append(lp)
+                if i + 1 < max_new_tokens:
+                    logits = model(torch.tensor([[t]]), past_key_values=cache, use_cache=True).logits
+        else:
+            for _ in range(max_new_tokens):
+                logits = model(torch.tensor([ids]), use_cache=False).logits
+                lp = torch.log_softmax(logits[0, -1].float(), -1)
+                t = int(lp.argmax())
+                out.append(t)
+                lps.append(lp)
+                ids.append(t)
+    return out, torch.stack(lps)
+
+
+@torch.no_grad()
+def reference_vectors_hf(model, tok, prefix: str, answer: str) -> torch.Tensor:
+    """``r [L, H]`` fp32: the residual stream after each layer averaged over the positions
+    of ``answer`` in ``prefix + answer`` (the tokens past the prefix's own tokens)."""
+    n_prefix = len(tok(prefix).input_ids)
+    ids = tok(prefix + answer, return_tensors="pt").input_ids
+    if ids.shape[1] <= n_prefix:
+        raise ValueError("the answer adds no tokens to the prefix")
+    got: dict[int, torch.Tensor] = {}
+    layers = decoder_layers(model)
+
+    def make(l):
+        def hook(_mod, _inp, out):
+            got[l] = (out[0] if isinstance(out, tuple) else out)[0, n_prefix:].float().mean(0)
+
+        return hook
+
+    handles = [layers[l].register_forward_hook(make(l)) for l in range(len(layers))]
+    try:
+        model(ids, use_cache=False)
+    finally:
+        for hd in handles:
+            hd.remove()
+    return torch.stack([got[l] for l in range(len(layers))])

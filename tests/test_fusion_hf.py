@@ -1,0 +1,130 @@
+"""Fusion Steering's transformers reference (no engine): coefficients, prompts, metrics,
+reference vectors, and the cached / uncached semantics the engine will be held to."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import TORCH_DTYPE
+
+from roast_vllm.methods import fusion as fu
+from roast_vllm.methods.hf import greedy_reference
+
+#: |log-prob| differences between computations that are the same math in another order
+LP_TOL = 1e-4 if TORCH_DTYPE == torch.float32 else 0.05
+QUESTION, TRUTH = "What is the capital of Australia?", "Canberra is the capital of Australia."
+
+
+def test_coefficients_full_and_segmented():
+    assert fu.coefficients(0.5, 0.25, 6) == [0.125] * 6
+    c = fu.coefficients([1.0, 0.5, 0.25], [0.5, 0.5, 0.5], 30)  # thirds of 30: 0-9 | 10-19 | 20-29
+    assert c == [0.5] * 10 + [0.25] * 10 + [0.125] * 10
+    assert fu.coefficients([1.0, 0.5, 0.25], 2.0, 4) == [2.0, 2.0, 1.0, 0.5]  # 4 layers: 0-1 | 2 | 3
+    with pytest.raises(ValueError, match="3 numbers"):
+        fu.coefficients([1.0, 2.0], 1.0, 30)
+    with pytest.raises(ValueError, match="finite"):
+        fu.coefficients(float("nan"), 1.0, 30)
+
+
+def test_prompts_overlap_and_objective():
+    assert fu.explanation_prompt("Q?", "A.") == "Question: Q?\nAnswer: A.\nExplanation:"
+    assert fu.extract_explanation(" Explanation: because so. ") == "because so."
+    assert fu.extract_explanation("no marker here") == "no marker here"
+    prefix, answer = fu.reference_text("Q?", "A.", "because so.")
+    assert prefix + answer == "Question: Q?\nAnswer and explanation:\nA.\nbecause so."
+    assert fu.generation_prompt("Q?") == "Question: Q?\nAnswer and explanation:"
+    # lower-cased words, punctuation removed; a fraction of the ground truth's words
+    assert fu.overlap("The capital is CANBERRA, not Sydney.", "Canberra.") == 1.0
+    assert fu.overlap("It is in the U.S.", "U.S. citizens") == 0.5
+    assert fu.overlap("anything", "...") == 0.0
+    assert fu.objective(1.0, 10.0) == pytest.approx(0.7 - 0.03)
+    assert fu.objective(0.5, 500.0) == pytest.approx(0.35 - 0.3)
+    assert fu.objective(0.5, float("inf")) == pytest.approx(0.05)
+    assert fu.perplexity([math.log(0.5)] * 4) == pytest.approx(2.0)
+    assert fu.perplexity([]) == float("inf")
+
+
+@pytest.fixture(scope="module")
+def tok(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def refs(hf_model, tok):
+    prefix, answer = fu.reference_text(QUESTION, TRUTH, "Canberra was chosen as a compromise between Sydney.")
+    return fu.reference_vectors_hf(hf_model, tok, prefix, answer)
+
+
+def test_reference_vectors_average_the_answer_positions(hf_model, tok, refs):
+    """``r_l`` is layer ``l``'s residual output averaged over the answer's positions: the
+    same numbers from HF's ``output_hidden_states`` (whose last entry is after the final
+    norm, so the last layer is left out)."""
+    prefix, answer = fu.reference_text(QUESTION, TRUTH, "Canberra was chosen as a compromise between Sydney.")
+    n = len(tok(prefix).input_ids)
+    hs = hf_model(
+        tok(prefix + answer, return_tensors="pt").input_ids, output_hidden_states=True
+    ).hidden_states
+    L = len(hs) - 1
+    assert refs.shape == (L, hf_model.config.hidden_size) and refs.dtype == torch.float32
+    want = torch.stack([hs[l + 1][0, n:].float().mean(0) for l in range(L - 1)])
+    torch.testing.assert_close(refs[:-1], want, atol=1e-4, rtol=1e-4)
+    # the prefix's positions are not in the mean
+    assert not torch.allclose(refs[:-1], torch.stack([hs[l + 1][0].float().mean(0) for l in range(L - 1)]))
+
+
+def _prompt(tok):
+    return tok(fu.generation_prompt(QUESTION)).input_ids
+
+
+def test_zero_coefficients_are_the_plain_model(hf_model, tok, refs):
+    ids = _prompt(tok)
+    plain, plain_lp = greedy_reference(hf_model, ids, 6)
+    zero = [0.0] * refs.shape[0]
+    for semantics in fu.SEMANTICS:
+        got, lp = fu.fusion_greedy_hf(hf_model, ids, refs, zero, 6, semantics)
+        assert got == plain, semantics
+        assert float((lp - plain_lp).abs().max()) <= LP_TOL, semantics
+
+
+def test_cached_running_mean_does_not_depend_on_prefill_chunks(hf_model, tok, refs):
+    """The cached semantics is per position: the prompt in one call, in chunks of 3 or
+    token by token gives the same log-probs (what the engine must give across prefill
+    chunks and decode steps)."""
+    ids = _prompt(tok)
+    c = fu.coefficients([0.3, 0.5, 0.8], 0.5, refs.shape[0])
+    whole, lp_whole = fu.fusion_greedy_hf(hf_model, ids, refs, c, 6, "cached")
+    for chunk in (3, 1):
+        got, lp = fu.fusion_greedy_hf(hf_model, ids, refs, c, 6, "cached", prefill_chunk=chunk)
+        assert got == whole, chunk
+        assert float((lp - lp_whole).abs().max()) <= LP_TOL, chunk
+
+
+def test_cached_and_uncached_semantics_differ_but_agree_on_one_token(hf_model, tok, refs):
+    """On a one-token sequence the running mean is the full mean: both semantics give the
+    same first step. On a real prompt they differ (every position's delta uses the mean
+    up to it vs the whole sequence's), and both move the model."""
+    c = fu.coefficients(0.6, 0.6, refs.shape[0])
+    one = _prompt(tok)[:1]
+    _, a = fu.fusion_greedy_hf(hf_model, one, refs, c, 1, "cached")
+    _, b = fu.fusion_greedy_hf(hf_model, one, refs, c, 1, "uncached")
+    assert float((a - b).abs().max()) <= LP_TOL
+    ids = _prompt(tok)
+    _, plain = greedy_reference(hf_model, ids, 1)
+    _, cached = fu.fusion_greedy_hf(hf_model, ids, refs, c, 1, "cached")
+    _, uncached = fu.fusion_greedy_hf(hf_model, ids, refs, c, 1, "uncached")
+    assert float((cached - uncached).abs().max()) > 100 * LP_TOL
+    assert float((cached - plain).abs().max()) > 100 * LP_TOL
+    assert float((uncached - plain).abs().max()) > 100 * LP_TOL
+
+
+def test_hooks_check_their_inputs(hf_model, refs):
+    with pytest.raises(ValueError, match="semantics"):
+        with fu.fusion_hooks(hf_model, refs, [0.0] * refs.shape[0], "lazy"):
+            pass
+    with pytest.raises(ValueError, match="need L"):
+        with fu.fusion_hooks(hf_model, refs[:3], [0.0] * 3):
+            pass
