@@ -31,7 +31,7 @@ from contextlib import contextmanager
 import torch
 
 from roast_vllm.engine.spec import segment_of
-from roast_vllm.methods.hf import decoder_layers
+from roast_vllm.methods.hf import decoder_layers, greedy_reference
 
 SEMANTICS = ("cached", "uncached")
 EXPLANATION_MARKER = "Explanation:"
@@ -188,14 +188,8 @@ def fusion_greedy_hf(
                 lps.append(lp)
                 if i + 1 < max_new_tokens:
                     logits = model(torch.tensor([[t]]), past_key_values=cache, use_cache=True).logits
-        else:
-            for _ in range(max_new_tokens):
-                logits = model(torch.tensor([ids]), use_cache=False).logits
-                lp = torch.log_softmax(logits[0, -1].float(), -1)
-                t = int(lp.argmax())
-                out.append(t)
-                lps.append(lp)
-                ids.append(t)
+        else:  # plain greedy decoding re-reads the whole sequence every step
+            return greedy_reference(model, prompt_ids, max_new_tokens)
     return out, torch.stack(lps)
 
 
