@@ -5,7 +5,8 @@ For each of the first ``--n`` TruthfulQA dev questions (best answer as ground tr
 model explains the ground truth (greedy), the reference vectors ``r [L, H]`` average the
 answer-and-explanation positions, and for each full-layer coefficient ``c`` in ``--cs``
 both semantics generate ``--max-tokens`` greedy tokens with the transformers reference
-(``roast_vllm.methods.fusion``). Reported per ``c``: the share of questions whose first
+(``roast_vllm.methods.fusion``; ``--skip-first``: position 0 out of the mean and not
+injected). Reported per ``c``: the share of questions whose first
 token agrees, the mean share of identical tokens up to the first divergence, the mean
 |difference| of the first step's log-probs, and each semantics' overlap with the ground
 truth (the unsteered model's too). Writes ``results/fusion/semantics.{json,csv,png}``.
@@ -33,6 +34,11 @@ def main() -> None:
     p.add_argument("--cs", default="0.1,0.3,0.6", help="full-layer coefficients c = alpha * gamma")
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--explain-tokens", type=int, default=32)
+    p.add_argument(
+        "--skip-first",
+        action="store_true",
+        help="leave position 0 (the attention sink) out of m_l and uninjected (-> semantics_skip_first.*)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "results" / "fusion")
     args = p.parse_args()
 
@@ -72,8 +78,12 @@ def main() -> None:
         rec = {"question": q, "ground_truth": gt, "plain_overlap": fu.overlap(text(plain), gt), "by_c": {}}
         for c in cs:
             coeffs = [c] * L
-            a, lp_a = fu.fusion_greedy_hf(model, ids, refs, coeffs, args.max_tokens, "cached")
-            b, lp_b = fu.fusion_greedy_hf(model, ids, refs, coeffs, args.max_tokens, "uncached")
+            a, lp_a = fu.fusion_greedy_hf(
+                model, ids, refs, coeffs, args.max_tokens, "cached", skip_first=args.skip_first
+            )
+            b, lp_b = fu.fusion_greedy_hf(
+                model, ids, refs, coeffs, args.max_tokens, "uncached", skip_first=args.skip_first
+            )
             same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
             rec["by_c"][str(c)] = {
                 "first_token_agrees": a[0] == b[0],
@@ -107,26 +117,30 @@ def main() -> None:
             }
         )
     args.out.mkdir(parents=True, exist_ok=True)
+    stem = "semantics_skip_first" if args.skip_first else "semantics"
     meta = {
         "model": "SmolLM2-135M-Instruct (embedded), transformers fp32",
         "data": str(data.name),
         "n": len(per_q),
         "max_tokens": args.max_tokens,
         "seconds": round(seconds, 1),
-        "command": "python benchmarks/bench_fusion_semantics.py " + f"--n {args.n} --cs {args.cs}",
+        "skip_first": args.skip_first,
+        "command": "python benchmarks/bench_fusion_semantics.py "
+        + f"--n {args.n} --cs {args.cs}"
+        + (" --skip-first" if args.skip_first else ""),
     }
-    (args.out / "semantics.json").write_text(
+    (args.out / f"{stem}.json").write_text(
         json.dumps({"meta": meta, "summary": summary, "questions": per_q}, indent=2)
     )
-    with open(args.out / "semantics.csv", "w", newline="") as f:
+    with open(args.out / f"{stem}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(summary[0]))
         w.writeheader()
         w.writerows(summary)
-    _plot(summary, args.out / "semantics.png")
+    _plot(summary, args.out / f"{stem}.png")
     print(f"\n{len(per_q)} questions, {seconds:.0f} s")
     for s in summary:
         print(s)
-    print(f"wrote {args.out}/semantics.csv, .json, .png")
+    print(f"wrote {args.out}/{stem}.csv, .json, .png")
 
 
 def _plot(summary, path: Path) -> None:

@@ -90,17 +90,37 @@ def test_zero_coefficients_are_the_plain_model(hf_model, tok, refs):
         assert float((lp - plain_lp).abs().max()) <= LP_TOL, semantics
 
 
-def test_cached_running_mean_does_not_depend_on_prefill_chunks(hf_model, tok, refs):
+@pytest.mark.parametrize("skip_first", [False, True], ids=["all-positions", "skip-first"])
+def test_cached_running_mean_does_not_depend_on_prefill_chunks(hf_model, tok, refs, skip_first):
     """The cached semantics is per position: the prompt in one call, in chunks of 3 or
     token by token gives the same log-probs (what the engine must give across prefill
     chunks and decode steps)."""
     ids = _prompt(tok)
     c = fu.coefficients([0.3, 0.5, 0.8], 0.5, refs.shape[0])
-    whole, lp_whole = fu.fusion_greedy_hf(hf_model, ids, refs, c, 6, "cached")
+    whole, lp_whole = fu.fusion_greedy_hf(hf_model, ids, refs, c, 6, "cached", skip_first=skip_first)
     for chunk in (3, 1):
-        got, lp = fu.fusion_greedy_hf(hf_model, ids, refs, c, 6, "cached", prefill_chunk=chunk)
+        got, lp = fu.fusion_greedy_hf(
+            hf_model, ids, refs, c, 6, "cached", prefill_chunk=chunk, skip_first=skip_first
+        )
         assert got == whole, chunk
         assert float((lp - lp_whole).abs().max()) <= LP_TOL, chunk
+
+
+def test_skip_first_leaves_position_zero_alone(hf_model, tok, refs):
+    """``skip_first``: a one-token prompt (position 0 only) is not steered at all; on a
+    real prompt both semantics steer, and differently from the all-positions mean."""
+    c = fu.coefficients(0.6, 0.6, refs.shape[0])
+    one = _prompt(tok)[:1]
+    _, plain = greedy_reference(hf_model, one, 1)
+    for semantics in fu.SEMANTICS:
+        _, lp = fu.fusion_greedy_hf(hf_model, one, refs, c, 1, semantics, skip_first=True)
+        assert float((lp - plain).abs().max()) <= LP_TOL, semantics
+    ids = _prompt(tok)
+    _, with_first = fu.fusion_greedy_hf(hf_model, ids, refs, c, 1, "cached")
+    _, skip = fu.fusion_greedy_hf(hf_model, ids, refs, c, 1, "cached", skip_first=True)
+    _, plain = greedy_reference(hf_model, ids, 1)
+    assert float((skip - with_first).abs().max()) > 100 * LP_TOL
+    assert float((skip - plain).abs().max()) > 100 * LP_TOL
 
 
 def test_cached_and_uncached_semantics_differ_but_agree_on_one_token(hf_model, tok, refs):

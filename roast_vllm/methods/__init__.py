@@ -9,6 +9,8 @@
   checked against.
 - ``fusion``: Fusion Steering's coefficients, prompts, overlap / objective, and its
   transformers reference in the cached (engine) and uncached (paper) semantics.
+- ``fusion_search``: its per-prompt Optuna search, every study's trial of a round in one
+  batch, resumable from a journal file.
 
 Rollouts themselves (sampling, sharding, resuming) are the runtime's
 (``roast_vllm.runtime.rollout``); serving a vector is the engine's.

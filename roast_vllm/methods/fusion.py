@@ -16,6 +16,10 @@ Cached, position ``p``'s delta is fixed once ``p`` is computed (a KV cache keeps
 uncached, every step moves the mean and so every earlier position's delta too. The two
 agree at ``c = 0`` and for a one-token sequence.
 
+``skip_first`` (an option METHODS.md leaves open): position 0 is neither counted in
+``m_l`` nor injected. Its residual stream is the model's attention sink, far larger than
+the rest, so with it ``r_l - m_l`` carries ``-x_l(0) / (p + 1)``.
+
 Here: the coefficients (full-layer or segmented by thirds), the prompts of METHODS.md,
 the overlap metric and search objective, and the transformers forward-hook reference of
 both semantics that the engine is checked against. Sums run in fp32.
@@ -111,13 +115,16 @@ def perplexity(token_logprobs: Sequence[float]) -> float:
 
 # ------------------------------------------------------------------ transformers reference
 @contextmanager
-def fusion_hooks(model, refs: torch.Tensor, coeffs: Sequence[float], semantics: str = "cached"):
+def fusion_hooks(
+    model, refs: torch.Tensor, coeffs: Sequence[float], semantics: str = "cached", skip_first: bool = False
+):
     """Forward hooks on every decoder layer applying Fusion Steering to batch row 0.
 
     ``refs [L, H]``, ``coeffs [L]``. ``cached``: the hooks keep each layer's running sum
     and count across calls, so feed the sequence once (prompt in one call or in chunks,
     then one token per call with a KV cache); within a call, position ``p`` uses the mean
-    up to ``p``. ``uncached``: every call is the whole sequence and uses its full mean."""
+    up to ``p``. ``uncached``: every call is the whole sequence and uses its full mean.
+    ``skip_first``: position 0 is left out of the mean and not injected."""
     if semantics not in SEMANTICS:
         raise ValueError(f"semantics={semantics!r}; use one of {SEMANTICS}")
     layers = decoder_layers(model)
@@ -134,15 +141,21 @@ def fusion_hooks(model, refs: torch.Tensor, coeffs: Sequence[float], semantics: 
             h = out[0] if isinstance(out, tuple) else out
             x = h[0].float()  # [T, H], before this layer's injection
             T = x.shape[0]
+            start = counts.get(l, 0) if semantics == "cached" else 0  # absolute position of x[0]
+            pos = torch.arange(start, start + T)
+            use = (pos > 0) if skip_first else torch.ones(T, dtype=torch.bool)
+            xs = x * use[:, None]
             if semantics == "cached":
-                prev, n = sums.get(l), counts.get(l, 0)
-                csum = torch.cumsum(x, 0) + (prev if prev is not None else 0.0)
-                m = csum / torch.arange(n + 1, n + T + 1, dtype=torch.float32)[:, None]
+                prev = sums.get(l)
+                csum = torch.cumsum(xs, 0) + (prev if prev is not None else 0.0)
+                # positions counted up to p: 0..p, or 1..p without the first
+                cnt = (pos + (0 if skip_first else 1)).clamp_min(1).to(torch.float32)
+                m = csum / cnt[:, None]
                 sums[l] = csum[-1]
-                counts[l] = n + T
+                counts[l] = start + T
             else:
-                m = x.mean(0, keepdim=True)
-            delta = coeffs[l] * (refs[l].float() - m)
+                m = xs.sum(0, keepdim=True) / max(int(use.sum()), 1)
+            delta = coeffs[l] * (refs[l].float() - m) * use[:, None]
             h = h.clone()
             h[0] = (x + delta).to(h.dtype)
             return (h, *out[1:]) if isinstance(out, tuple) else h
@@ -164,14 +177,16 @@ def fusion_greedy_hf(
     max_new_tokens: int,
     semantics: str = "cached",
     prefill_chunk: int | None = None,
+    skip_first: bool = False,
 ) -> tuple[list[int], torch.Tensor]:
     """Greedy decoding under Fusion Steering. ``cached``: the prompt in chunks of
     ``prefill_chunk`` tokens (None: one call), then one token per step with a KV cache;
-    ``uncached``: every step re-reads the whole sequence without a cache. Returns
+    ``uncached``: every step re-reads the whole sequence without a cache;
+    ``skip_first``: see :func:`fusion_hooks`. Returns
     ``(token_ids, logprobs [steps, vocab])``."""
     ids = list(prompt_ids)
     out, lps = [], []
-    with fusion_hooks(model, refs, coeffs, semantics):
+    with fusion_hooks(model, refs, coeffs, semantics, skip_first):
         if semantics == "cached":
             from transformers import DynamicCache
 

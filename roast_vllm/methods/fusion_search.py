@@ -1,0 +1,144 @@
+"""Fusion Steering's per-prompt search: one Optuna study per prompt, every study's trial
+of a round evaluated in one batch.
+
+Each prompt (``key``) has its own study (TPE, seeded from ``seed`` and the key), and all
+studies live in one Optuna journal file, so a search that stops (Ctrl-C, a crash) resumes
+where it was: finished trials are kept and not run again; a trial that was asked but never
+told (running when the search stopped) is marked failed and asked anew.
+
+A round asks one trial from every study that still needs one and hands them all to
+``evaluate`` at once: the caller turns them into one batch of steered requests for the
+engine (each request its own coefficients), instead of one prompt at a time.
+
+Parameters (METHODS.md): ``alpha, gamma ~ U[0.01, 1]``, one pair for every layer
+(``full``) or one per third of the layers (``segmented``: ``alpha_0..2``, ``gamma_0..2``).
+Only the product ``c = alpha * gamma`` of a segment reaches the model
+(:func:`coefficients_of`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from roast_vllm.methods.fusion import coefficients
+
+MODES = ("full", "segmented")
+LOW, HIGH = 0.01, 1.0
+
+
+def _suggest(trial, mode: str) -> dict[str, float]:
+    if mode == "full":
+        return {n: trial.suggest_float(n, LOW, HIGH) for n in ("alpha", "gamma")}
+    return {
+        f"{n}_{s}": trial.suggest_float(f"{n}_{s}", LOW, HIGH) for n in ("alpha", "gamma") for s in range(3)
+    }
+
+
+def coefficients_of(params: dict[str, float], num_layers: int) -> list[float]:
+    """``c_l`` per layer from a trial's parameters (either mode)."""
+    if "alpha" in params:
+        return coefficients(params["alpha"], params["gamma"], num_layers)
+    return coefficients(
+        [params[f"alpha_{s}"] for s in range(3)], [params[f"gamma_{s}"] for s in range(3)], num_layers
+    )
+
+
+def _seed(seed: int, key: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:4], "little")
+
+
+def search(
+    keys: Sequence[str],
+    evaluate: Callable[[list[tuple[str, dict[str, float]]]], Sequence[float]],
+    n_trials: int = 5,
+    mode: str = "segmented",
+    storage: str | Path | None = None,
+    seed: int = 0,
+    study_prefix: str = "fusion",
+    progress: bool = True,
+) -> dict[str, dict]:
+    """Search every key's parameters; returns ``{key: {"params", "value", "trials"}}``
+    with the best finished trial of each study (maximizing ``evaluate``'s values; None
+    where every trial failed).
+
+    ``evaluate([(key, params), ...]) -> [value, ...]`` gets one trial per unfinished study
+    per round, in ``keys`` order, and must return one finite value per trial (a non-finite
+    value fails that trial). ``storage``: a journal file path (resumable) or None (memory).
+    """
+    import optuna
+    from optuna.trial import TrialState
+    from tqdm import tqdm
+
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}; use one of {MODES}")
+    if n_trials < 1:
+        raise ValueError(f"n_trials={n_trials}; must be >= 1")
+    if len(set(keys)) != len(keys):
+        raise ValueError("keys must be distinct (one study per prompt)")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    store = None
+    if storage is not None:
+        from optuna.storages.journal import JournalFileBackend
+
+        Path(storage).parent.mkdir(parents=True, exist_ok=True)
+        store = optuna.storages.JournalStorage(JournalFileBackend(str(storage)))
+    studies = {}
+    for k in keys:
+        st = optuna.create_study(
+            study_name=f"{study_prefix}:{mode}:{k}",
+            storage=store,
+            sampler=optuna.samplers.TPESampler(seed=_seed(seed, k)),
+            direction="maximize",
+            load_if_exists=True,
+        )
+        for t in st.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            st.tell(t.number, state=TrialState.FAIL)  # asked before an interruption, never told
+        # a resumed study's sampler is seeded from its trial count too: the same seed would
+        # replay the draws its first run already tried (TPE's start-up trials are random)
+        n_before = len(st.get_trials(deepcopy=False))
+        if n_before:
+            st.sampler = optuna.samplers.TPESampler(seed=_seed(seed, f"{k}:{n_before}"))
+        studies[k] = st
+
+    def done(k: str) -> int:
+        return len(studies[k].get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+    total = n_trials * len(keys)
+    bar = tqdm(
+        total=total,
+        initial=sum(min(done(k), n_trials) for k in keys),
+        desc="fusion search",
+        disable=not progress,
+    )
+    failed = dict.fromkeys(keys, 0)
+    while True:
+        # a study whose trials keep failing stops after n_trials failures in this call
+        todo = [k for k in keys if done(k) < n_trials and failed[k] < n_trials]
+        if not todo:
+            break
+        trials = {k: studies[k].ask() for k in todo}
+        batch = [(k, _suggest(trials[k], mode)) for k in todo]
+        values = list(evaluate(batch))
+        if len(values) != len(batch):
+            raise ValueError(f"evaluate returned {len(values)} values for {len(batch)} trials")
+        for (k, _), v in zip(batch, values):
+            v = float(v)
+            if v == v and abs(v) != float("inf"):
+                studies[k].tell(trials[k], v)
+                bar.update(1)
+            else:
+                studies[k].tell(trials[k], state=TrialState.FAIL)
+                failed[k] += 1
+    bar.close()
+    out = {}
+    for k in keys:
+        n = done(k)
+        best = studies[k].best_trial if n else None
+        out[k] = {
+            "params": dict(best.params) if best else None,
+            "value": best.value if best else None,
+            "trials": n,
+        }
+    return out
