@@ -35,7 +35,13 @@ from contextlib import contextmanager
 import torch
 
 from roast_vllm.engine.spec import segment_of
-from roast_vllm.methods.hf import decoder_layers, greedy_reference
+from roast_vllm.methods.hf import (
+    decoder_layers,
+    forward_hooks,
+    greedy_reference,
+    output_tensor,
+    with_output_tensor,
+)
 
 SEMANTICS = ("cached", "uncached")
 EXPLANATION_MARKER = "Explanation:"
@@ -134,11 +140,10 @@ def fusion_hooks(
         )
     sums: dict[int, torch.Tensor] = {}
     counts: dict[int, int] = {}
-    handles = []
-    for l in range(len(layers)):
 
-        def hook(_mod, _inp, out, l=l):
-            h = out[0] if isinstance(out, tuple) else out
+    def make_hook(l):
+        def hook(_mod, _inp, out):
+            h = output_tensor(out)
             x = h[0].float()  # [T, H], before this layer's injection
             T = x.shape[0]
             start = counts.get(l, 0) if semantics == "cached" else 0  # absolute position of x[0]
@@ -158,14 +163,12 @@ def fusion_hooks(
             delta = coeffs[l] * (refs[l].float() - m) * use[:, None]
             h = h.clone()
             h[0] = (x + delta).to(h.dtype)
-            return (h, *out[1:]) if isinstance(out, tuple) else h
+            return with_output_tensor(out, h)
 
-        handles.append(layers[l].register_forward_hook(hook))
-    try:
+        return hook
+
+    with forward_hooks((layers[l], make_hook(l)) for l in range(len(layers))):
         yield
-    finally:
-        for hd in handles:
-            hd.remove()
 
 
 @torch.no_grad()
@@ -221,14 +224,10 @@ def reference_vectors_hf(model, tok, prefix: str, answer: str) -> torch.Tensor:
 
     def make(l):
         def hook(_mod, _inp, out):
-            got[l] = (out[0] if isinstance(out, tuple) else out)[0, n_prefix:].float().mean(0)
+            got[l] = output_tensor(out)[0, n_prefix:].float().mean(0)
 
         return hook
 
-    handles = [layers[l].register_forward_hook(make(l)) for l in range(len(layers))]
-    try:
+    with forward_hooks((layers[l], make(l)) for l in range(len(layers))):
         model(ids, use_cache=False)
-    finally:
-        for hd in handles:
-            hd.remove()
     return torch.stack([got[l] for l in range(len(layers))])

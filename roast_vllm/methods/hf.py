@@ -29,6 +29,30 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     return model.model.layers
 
 
+def output_tensor(out) -> torch.Tensor:
+    """The hidden states of a module's output (decoder layers may return a tuple)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def with_output_tensor(out, h: torch.Tensor):
+    """``out`` with its hidden states replaced by ``h`` (a hook's return value)."""
+    return (h, *out[1:]) if isinstance(out, tuple) else h
+
+
+@contextmanager
+def forward_hooks(hooks):
+    """Forward hooks ``(module, hook)`` registered for the ``with`` block and removed on
+    exit, also when it raises."""
+    handles = []
+    try:
+        for mod, fn in hooks:
+            handles.append(mod.register_forward_hook(fn))
+        yield
+    finally:
+        for hd in handles:
+            hd.remove()
+
+
 @contextmanager
 def steering_hooks(model, vector: SteeringVector, spec: SteerSpec, prompt_len: int):
     """Add ``s_l * v_l`` to the output of each steered layer (``mlp_act`` vectors: of the
@@ -38,24 +62,22 @@ def steering_hooks(model, vector: SteeringVector, spec: SteerSpec, prompt_len: i
     layers = spec.layers if spec.layers is not None else tuple(vector.layers)
     scales = spec.layer_scales(len(decoder_layers(model)))
     lo, hi = spec.token_range(prompt_len)
-    handles = []
-    for l in layers:
 
-        def hook(_mod, _inp, out, l=l):
-            h = out[0] if isinstance(out, tuple) else out
+    def make_hook(l):
+        def hook(_mod, _inp, out):
+            h = output_tensor(out)
             delta = (scales[l] * vector.directions[l]).to(h.dtype)
             pos = torch.arange(h.shape[-2], device=h.device)
             mask = ((pos >= lo) & (pos < hi)).to(h.dtype)[:, None]
-            h = h + mask * delta.to(h.device)
-            return (h, *out[1:]) if isinstance(out, tuple) else h
+            return with_output_tensor(out, h + mask * delta.to(h.device))
 
-        mod = decoder_layers(model)[l]
-        handles.append((mod.mlp.act_fn if vector.site == "mlp_act" else mod).register_forward_hook(hook))
-    try:
+        return hook
+
+    mods = [decoder_layers(model)[l] for l in layers]
+    with forward_hooks(
+        (m.mlp.act_fn if vector.site == "mlp_act" else m, make_hook(l)) for m, l in zip(mods, layers)
+    ):
         yield
-    finally:
-        for hd in handles:
-            hd.remove()
 
 
 @torch.no_grad()
@@ -115,20 +137,16 @@ def capture_residual(
 
     def make_hook(l):
         def hook(_mod, _inp, out):
-            captured[l] = (out[0] if isinstance(out, tuple) else out)[0].float()
+            captured[l] = output_tensor(out)[0].float()
 
         return hook
 
     # hooks, not output_hidden_states: HF's last hidden state is taken after the final norm
-    handles = [decoder_layers(model)[l].register_forward_hook(make_hook(l)) for l in layers]
-    try:
+    with forward_hooks((decoder_layers(model)[l], make_hook(l)) for l in layers):
         for t in tqdm(texts, desc="capturing activations", disable=not progress):
             ids = tok(t, return_tensors="pt").input_ids  # one at a time: no padding to get wrong
             model(ids, use_cache=False)
             outs.append(torch.stack([_pool(captured[l], reduce) for l in layers]))
-    finally:
-        for hd in handles:
-            hd.remove()
     return torch.stack(outs).transpose(0, 1).contiguous()
 
 
@@ -143,24 +161,21 @@ def capture_last_token(
 
     def make_hook(site, l):
         def hook(_mod, _inp, out):
-            captured[(site, l)] = (out[0] if isinstance(out, tuple) else out)[0, -1].float()
+            captured[(site, l)] = output_tensor(out)[0, -1].float()
 
         return hook
 
-    handles = []
+    hooks = []
     for l in layers:
         layer = decoder_layers(model)[l]
         if "residual" in sites:
-            handles.append(layer.register_forward_hook(make_hook("residual", l)))
+            hooks.append((layer, make_hook("residual", l)))
         if "mlp_act" in sites:
-            handles.append(layer.mlp.act_fn.register_forward_hook(make_hook("mlp_act", l)))
+            hooks.append((layer.mlp.act_fn, make_hook("mlp_act", l)))
     out: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
-    try:
+    with forward_hooks(hooks):
         for ids in token_ids:
             model(torch.tensor([list(ids)]), use_cache=False)
             for s in sites:
                 out[s].append(torch.stack([captured[(s, l)] for l in layers]))
-    finally:
-        for hd in handles:
-            hd.remove()
     return {s: torch.stack(v, 1) for s, v in out.items()}
