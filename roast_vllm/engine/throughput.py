@@ -256,8 +256,9 @@ def measure_interleaved(cfg: BenchConfig, rounds: int) -> tuple[list[dict], list
         # (name, engine, requests): stock engines get the plain requests of NOTHING
         jobs = [(c, engines[c], NOTHING) for c in engines if c != "steering"]
         jobs += [(c, steering, c) for c in cfg.conditions()]
-        # worker CPU seconds per run: the worker is CPU-bound on the forward, so CPU time
-        # tracks its work without the wall clock's stalls from the rest of the machine
+        # worker CPU seconds per run, a second measure beside the wall clock (it leaves out
+        # time the worker waits; on the 2-core CPU the two ratios agree to the third digit:
+        # the worker is busy for the whole run, README "Interleaved")
         procs = {id(llm): worker_procs(llm) for llm in engines.values()}
         for _, llm, cond in tqdm(jobs, desc="warm-up (every engine and condition once)"):
             llm.generate(prompts, _steer_params(cfg, cond, names, cfg.warmup_tokens), use_tqdm=False)
