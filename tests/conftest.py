@@ -29,6 +29,38 @@ PROMPTS = [
     "In 1969, astronauts",
 ]
 
+#: Longer than one 256-token prefill chunk and than a 128-token KV block.
+LONG_PROMPT = (
+    " ".join(
+        f"Fact {i}: the {c} fox jumped over {i + 3} lazy dogs near the river bank."
+        for i, c in enumerate(
+            [
+                "quick",
+                "brown",
+                "red",
+                "grey",
+                "small",
+                "tall",
+                "wise",
+                "old",
+                "young",
+                "fast",
+                "slow",
+                "happy",
+                "sad",
+                "bold",
+                "shy",
+                "calm",
+                "wild",
+                "kind",
+                "loud",
+                "quiet",
+            ]
+        )
+    )
+    + " Summarize the facts above in one sentence:"
+)
+
 #: The engines' dtype as a torch dtype (HF references run in the same one).
 TORCH_DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
     ENGINE_DEFAULTS["dtype"], torch.bfloat16

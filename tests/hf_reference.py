@@ -206,3 +206,174 @@ def check_mlp_act(llm, hf_model, positions: str) -> list[dict]:
     _register(llm, "ref_mlp", vec)
     spec = SteerSpec("ref_mlp", 3.0, None, positions)
     return check_batch(llm, hf_model, SCOPE_PROMPTS[:3], [(vec, spec)] * 3)
+
+
+# ------------------------------------------------------------------ Fusion Steering
+FUSION_QA = [
+    (
+        "What happens if you crack your knuckles a lot?",
+        "Nothing in particular happens if you crack your knuckles a lot",
+    ),
+    ("What is the capital of Australia?", "The capital of Australia is Canberra"),
+]
+
+
+def fusion_refs(llm, hf_model) -> list[torch.Tensor]:
+    """``r [L, H]`` per question of ``FUSION_QA``: the residual stream of a reference text
+    averaged over its answer positions (methods/fusion.py), as real references are made."""
+    from roast_vllm.methods.fusion import reference_text, reference_vectors_hf
+
+    tok = llm.get_tokenizer()
+    return [reference_vectors_hf(hf_model, tok, *reference_text(q, a, a + ".")) for q, a in FUSION_QA]
+
+
+@torch.no_grad()
+def fusion_logprobs(model, prompt_ids, gen, refs, coeffs, skip_first=False, variant="cached") -> torch.Tensor:
+    """``[len(gen), vocab]`` teacher-forced log-probs under Fusion Steering. ``cached`` and
+    ``uncached``: ``methods.fusion.fusion_hooks`` (the reference). Near misses a wrong
+    engine would compute: ``no mean`` (``h += c r``: the running mean never subtracted),
+    ``frozen`` (the mean stops at the prompt: decode steps never update the sums)."""
+    from roast_vllm.methods.fusion import fusion_hooks
+    from roast_vllm.methods.hf import decoder_layers, forward_hooks, output_tensor, with_output_tensor
+
+    ids = torch.tensor([list(prompt_ids) + list(gen)])
+    p = len(prompt_ids)
+    if variant in ("cached", "uncached"):
+        with fusion_hooks(model, refs, coeffs, variant, skip_first):
+            logits = model(ids, use_cache=False).logits[0]
+    else:
+
+        def make(l):
+            def hook(_m, _i, out):
+                h = output_tensor(out)
+                x = h[0].float()
+                pos = torch.arange(x.shape[0])
+                use = (pos > 0) if skip_first else torch.ones_like(pos, dtype=torch.bool)
+                cnt = (pos + (0 if skip_first else 1)).clamp_min(1).float()
+                m = torch.cumsum(x * use[:, None], 0) / cnt[:, None]
+                if variant == "frozen":
+                    m[p:] = m[p - 1]
+                elif variant == "no mean":
+                    m = torch.zeros_like(m)
+                h = h.clone()
+                h[0] = (x + coeffs[l] * (refs[l].float() - m) * use[:, None]).to(h.dtype)
+                return with_output_tensor(out, h)
+
+            return hook
+
+        with forward_hooks((layer, make(l)) for l, layer in enumerate(decoder_layers(model))):
+            logits = model(ids, use_cache=False).logits[0]
+    return torch.log_softmax(logits[p - 1 : p - 1 + len(gen)].float(), -1)
+
+
+def check_fusion_request(hf_model, output, refs, coeffs, skip_first, others, label) -> dict:
+    """One Fusion request against its cached reference, and against its near misses: the
+    coefficients 10% off, the thirds rotated, skip_first flipped, no running mean, a mean
+    frozen after the prompt, the uncached semantics, another question's reference and the
+    unsteered model."""
+    gen = list(output.outputs[0].token_ids)
+    got = torch.tensor([output.outputs[0].logprobs[i][t].logprob for i, t in enumerate(gen)])
+    at = (torch.arange(len(gen)), torch.tensor(gen))
+
+    def err(r, c, skip=skip_first, variant="cached"):
+        ref = fusion_logprobs(hf_model, output.prompt_token_ids, gen, r, c, skip, variant)
+        return (ref[at] - got).abs(), ref.max(-1).values - ref[at]
+
+    e, gaps = err(refs, coeffs)
+    right = float(e.mean())
+    assert right <= MEAN_LP_TOL and float(e.max()) <= MAX_LP_TOL, (
+        f"{label}: mean |HF - vLLM| {right:.4f} (tol {MEAN_LP_TOL}), max {float(e.max()):.4f}"
+    )
+    assert float(gaps.max()) <= HF_TIE_NATS, (
+        f"{label}: vLLM chose a token HF ranks {float(gaps.max()):.3f} below"
+    )
+    L = len(coeffs)
+    wrong = {
+        f"coefficients x{SCALE_STEP}": (refs, [c * SCALE_STEP for c in coeffs], skip_first, "cached"),
+        "skip_first flipped": (refs, coeffs, not skip_first, "cached"),
+        "no running mean": (refs, coeffs, skip_first, "no mean"),
+        "mean frozen after the prompt": (refs, coeffs, skip_first, "frozen"),
+        "uncached semantics": (refs, coeffs, skip_first, "uncached"),
+        "unsteered": (refs, [0.0] * L, skip_first, "cached"),
+    }
+    if len(set(coeffs)) > 1:
+        rot = [coeffs[(l + L // 3) % L] for l in range(L)]
+        wrong["layers rotated by a third"] = (refs, rot, skip_first, "cached")
+    for i, other in enumerate(others):
+        wrong[f"reference {i}"] = (other, coeffs, skip_first, "cached")
+    report = {"right": round(right, 5)}
+    for name, (r, c, skip, variant) in wrong.items():
+        w = float(err(r, c, skip, variant)[0].mean())
+        report[name] = round(w, 5)
+        assert w > MEAN_LP_TOL and w > 2 * right, (
+            f"{label}: the near miss '{name}' explains vLLM's log-probs as well (error {w:.4f} vs {right:.4f})"
+        )
+    print("fusion reference check:", label, report)
+    return report
+
+
+def check_fusion(llm, hf_model, long_prompt: str) -> list[dict]:
+    """Fusion requests (full-layer, per-third, skip_first; a long prompt prefilled in
+    chunks where the engine chunks) beside an additive request and plain ones, in one
+    batch: each Fusion request is its cached reference and none of its near misses; the
+    plain and additive rows are bit for bit what they are without the Fusion rows beside
+    them (same prompts, same batch shape)."""
+    from roast_vllm.engine.spec import segment_of
+
+    refs = fusion_refs(llm, hf_model)
+    L = refs[0].shape[0]
+    for i, r in enumerate(refs):
+        _register(llm, f"fusion_q{i}", SteeringVector(directions=dict(enumerate(r)), method="fusion"))
+    a = residual_vector(llm, seed=106)
+    _register(llm, "ref_add", a)
+    seg = (0.1, 0.45, 0.25)
+    fusion = [  # (prompt, reference index, steer_scale, skip_first)
+        (SCOPE_PROMPTS[0], 0, 0.3, False),
+        (long_prompt, 1, seg, False),
+        (SCOPE_PROMPTS[2], 0, 0.3, True),
+    ]
+    batch = []  # (prompt, extra, kind)
+    for k, (prompt, qi, scale, skip) in enumerate(fusion):
+        e = {"steer_vector": f"fusion_q{qi}", "steer_mode": "fusion"}
+        e["steer_scale"] = list(scale) if isinstance(scale, tuple) else scale
+        if skip:
+            e["steer_skip_first"] = True
+        batch.append((prompt, e, ("fusion", k)))
+        batch.append((SCOPE_PROMPTS[(k + 3) % 4], None, ("plain", k)))
+    batch.append((SCOPE_PROMPTS[3], _extra(SteerSpec("ref_add", 5.0)), ("add", 0)))
+    prompts = [b[0] for b in batch]
+    outs = llm.generate(prompts, [_sp(b[1]) for b in batch], use_tqdm=False)
+    reports = []
+    for (_, _, (kind, k)), o in zip(batch, outs):
+        if kind != "fusion":
+            continue
+        _, qi, scale, skip = fusion[k]
+        coeffs = [scale[segment_of(l, L)] for l in range(L)] if isinstance(scale, tuple) else [scale] * L
+        others = [r for j, r in enumerate(refs) if j != qi]
+        label = f"fusion request {k} (q{qi}, scale {scale}, skip_first {skip}, {len(o.prompt_token_ids)} prompt tokens)"
+        reports.append(check_fusion_request(hf_model, o, refs[qi], coeffs, skip, others, label))
+    # the same batch with the Fusion rows unsteered: every other row bit for bit the same
+    alone = llm.generate(prompts, [_sp(None if b[2][0] == "fusion" else b[1]) for b in batch], use_tqdm=False)
+    for (_, _, (kind, k)), o, p in zip(batch, outs, alone):
+        if kind == "fusion":
+            assert list(o.outputs[0].token_ids) != list(p.outputs[0].token_ids), (
+                f"Fusion request {k} was not steered"
+            )
+            continue
+        assert list(o.outputs[0].token_ids) == list(p.outputs[0].token_ids), f"{kind} row {k} changed"
+        lo = [d[t].logprob for d, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
+        lp = [d[t].logprob for d, t in zip(p.outputs[0].logprobs, p.outputs[0].token_ids)]
+        assert lo == lp, f"{kind} row {k}: log-probs changed beside Fusion rows"
+    # the long-prompt Fusion request again: its KV blocks are in the prefix cache under the
+    # same salt, and it must not read them (its running mean would miss those positions)
+    again = llm.generate(prompts[2:3], [_sp(batch[2][1])], use_tqdm=False)[0]
+    first = outs[2]
+    assert list(again.outputs[0].token_ids) == list(first.outputs[0].token_ids)
+    d = [
+        abs(a[t].logprob - b[t].logprob)
+        for a, b, t in zip(again.outputs[0].logprobs, first.outputs[0].logprobs, again.outputs[0].token_ids)
+    ]
+    assert max(d) <= MAX_LP_TOL, f"a repeated Fusion request differs by {max(d):.4f} nats"
+    info = llm.collective_rpc("roast_info")[0]
+    assert info["fusion_gaps"] == 0 and info["rows_refused"] == 0, info
+    return reports

@@ -76,6 +76,47 @@ def test_capture_matches_transformers_hooks(llm, hf_model, seqs):
     assert not torch.allclose(got["residual"][:, 0], got["residual"][:, 1])
 
 
+def test_mean_capture_matches_transformers_hooks(llm, hf_model, seqs):
+    """Fusion Steering's reference vectors: the residual stream after every layer averaged
+    over positions ``start ..``, in the engine (the long sequence's span crosses a prefill
+    chunk boundary; the one-token one is its own mean) vs transformers hooks, with every
+    block already in the prefix cache; and a reference text as METHODS.md builds it. A
+    last-token capture is not such a mean."""
+    from roast_vllm.methods.fusion import (
+        mean_residual_hf,
+        reference_text,
+        reference_tokens,
+        reference_vectors,
+    )
+
+    tok = llm.get_tokenizer()
+    ids, start = reference_tokens(tok, *reference_text("Is the Earth flat?", "No", "No, it is round."))
+    seq = [*seqs, ids]
+    starts = [len(seqs[0]) - 4, 3, len(seqs[2]) - 1, 100, 0, start]
+    # first a last-token capture of the same sequences: their blocks are in the prefix
+    # cache now, and a mean capture must not read them (it would miss those positions)
+    last = capture_last(llm, seq)
+    got = reference_vectors(llm, seq, starts, batch_size=4, progress=False)
+    assert got.shape == (len(seq), 30, 576)
+    ref = torch.stack([mean_residual_hf(hf_model, list(t), s) for t, s in zip(seq, starts)])
+    _assert_close(got.transpose(0, 1), ref.transpose(0, 1))
+    assert not torch.allclose(got[3], last[3], rtol=0.05), "a mean over 100+ positions is not the last token"
+    # one token: its own mean (two runs at different batch shapes: batch tolerance)
+    assert float(((got[4] - last[4]).norm(dim=-1) / last[4].norm(dim=-1)).max()) <= MAX_REL_BATCH
+    with pytest.raises(ValueError, match="starts has 2 entries"):
+        reference_vectors(llm, seq, [0, 0], progress=False)
+    with pytest.raises(ValueError, match="not positions of their sequence"):
+        reference_vectors(llm, seq[:1], [len(seq[0])], progress=False)
+
+
+def capture_last(llm, seq):
+    from roast_vllm.engine.capture import capture_activations
+
+    return capture_activations(llm, seq, list(range(30)), ("residual",), progress=False)[
+        "residual"
+    ].transpose(0, 1)
+
+
 def test_capture_is_per_request_in_a_mixed_batch(llm, seqs):
     """Capture requests next to ordinary (and steered) generation: each capture gets its
     own sequence's activations, the generation is unaffected."""

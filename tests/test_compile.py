@@ -156,6 +156,15 @@ def test_mlp_act_matches_transformers_hooks_compiled(llm, hf_model):
     check_mlp_act(llm, hf_model, "all")
 
 
+def test_fusion_matches_transformers_reference_compiled(llm, hf_model):
+    """Fusion Steering in the compiled graph (the fusion_mean op at every layer, reading
+    its per-step list and running sums by address) against the transformers reference."""
+    from conftest import LONG_PROMPT
+    from hf_reference import check_fusion
+
+    check_fusion(llm, hf_model, LONG_PROMPT)
+
+
 def test_vector_replaced_after_start_changes_later_requests(llm):
     import roast_vllm
 

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import ENGINE_DEFAULTS, PROMPTS, assert_greedy_match, shutdown, token_ids
+from conftest import ENGINE_DEFAULTS, LONG_PROMPT, PROMPTS, assert_greedy_match, shutdown, token_ids
 
 from roast_vllm import SteeringVector, SteeringVectorError
 
@@ -18,36 +18,6 @@ pytestmark = pytest.mark.engine
 
 ENGINE = dict(ENGINE_DEFAULTS, enforce_eager=True, max_num_batched_tokens=256, max_num_seqs=16)
 MAX_TOKENS = 24
-LONG_PROMPT = (
-    " ".join(
-        f"Fact {i}: the {c} fox jumped over {i + 3} lazy dogs near the river bank."
-        for i, c in enumerate(
-            [
-                "quick",
-                "brown",
-                "red",
-                "grey",
-                "small",
-                "tall",
-                "wise",
-                "old",
-                "young",
-                "fast",
-                "slow",
-                "happy",
-                "sad",
-                "bold",
-                "shy",
-                "calm",
-                "wild",
-                "kind",
-                "loud",
-                "quiet",
-            ]
-        )
-    )
-    + " Summarize the facts above in one sentence:"
-)
 
 
 def sp(extra=None, max_tokens=MAX_TOKENS, logprobs=None):
@@ -234,6 +204,16 @@ def test_side_by_side_matches_transformers_hooks(llm, hf_model):
     from hf_reference import check_side_by_side
 
     check_side_by_side(llm, hf_model)
+
+
+def test_fusion_matches_transformers_reference(llm, hf_model):
+    """Fusion Steering per request (full-layer, per third, skip_first; the long prompt
+    prefilled in chunks of 256 tokens, then decoded) beside additive and plain requests:
+    each Fusion request is its cached transformers reference and none of its near misses;
+    the other rows are bit for bit unchanged by the Fusion rows beside them."""
+    from hf_reference import check_fusion
+
+    check_fusion(llm, hf_model, LONG_PROMPT)
 
 
 # ---------------------------------------------------------------- (e) bad inputs

@@ -47,6 +47,11 @@ def test_defaults_and_xargs_strings():
         ({"steer_vector": "v", "steer_scale": [1.0, 2e4, 1.0]}, "out of range"),
         ({"steer_vector": "v", "steer_scale": []}, "entries"),
         ({"steer_vector": "v", "steer_scale": [1.0] * 5000}, "entries"),
+        ({"steer_vector": "v", "steer_mode": "mean"}, "not one of"),
+        ({"steer_vector": "v", "steer_mode": "fusion", "steer_positions": "prompt"}, "every position"),
+        ({"steer_vector": "v", "steer_mode": "fusion", "steer_start": 3}, "every position"),
+        ({"steer_vector": "v", "steer_skip_first": True}, "fusion' only"),
+        ({"steer_vector": "v", "steer_mode": "fusion", "steer_skip_first": "maybe"}, "true or false"),
     ],
     ids=[
         "no-vector",
@@ -65,6 +70,11 @@ def test_defaults_and_xargs_strings():
         "huge-layer-scale",
         "empty-scale-list",
         "scale-list-too-long",
+        "unknown-mode",
+        "fusion-with-positions",
+        "fusion-with-start",
+        "skip-first-without-fusion",
+        "skip-first-not-bool",
     ],
 )
 def test_bad_args(args, match):
@@ -153,3 +163,37 @@ def test_steer_start_overrides_the_scope():
             parse_steer_args({"steer_vector": "v", "steer_start": bad})
     with pytest.raises(SteeringRequestError, match="not both"):
         parse_steer_args({"steer_vector": "v", "steer_start": 3, "steer_positions": "all"})
+
+
+def test_fusion_mode():
+    """``steer_mode="fusion"``: every position (position 0 too unless ``steer_skip_first``),
+    a configuration apart from the additive one with the same vector, scale and layers
+    (slot key and cache salt), a residual reference, and only where the engine has it."""
+    s = parse_steer_args({"steer_vector": "v", "steer_mode": "fusion", "steer_scale": "0.2,0.5,0.1"})
+    assert s == SteerSpec("v", (0.2, 0.5, 0.1), mode="fusion")
+    assert s.token_range(7) == (0, 1 << 62)
+    k = parse_steer_args({"steer_vector": "v", "steer_mode": "fusion", "steer_skip_first": "true"})
+    assert k.skip_first and k.token_range(7) == (1, 1 << 62)
+    add = SteerSpec("v", (0.2, 0.5, 0.1))
+    assert s.slot_key != add.slot_key and s.cache_salt(7) != add.cache_salt(7)
+    assert add.cache_salt(7) == SteerSpec("v", (0.2, 0.5, 0.1), mode="add").cache_salt(7)
+    vecs = {
+        "v": VectorInfo(layers=(0, 1, 2), dim=8, site="residual", max_abs=1.0),
+        "m": VectorInfo(layers=(0, 1, 2), dim=32, site="mlp_act", max_abs=1.0),
+    }
+    check_against(s, vecs, 3)
+    with pytest.raises(SteeringRequestError, match="residual-stream reference"):
+        check_against(SteerSpec("m", 1.0, mode="fusion"), vecs, 3)
+    with pytest.raises(SteeringRequestError, match="Fusion Steering is off"):
+        check_against(s, vecs, 3, fusion=False)
+
+
+def test_capture_from_key():
+    from roast_vllm.engine.spec import check_internal_keys
+
+    check_internal_keys({"roast_capture": "c", "roast_capture_from": 3}, capture_allowed=True)
+    with pytest.raises(SteeringRequestError, match="needs roast_capture"):
+        check_internal_keys({"roast_capture_from": 3}, capture_allowed=True)
+    for bad in (-1, 1.5, True, "3"):
+        with pytest.raises(SteeringRequestError, match="prompt position"):
+            check_internal_keys({"roast_capture": "c", "roast_capture_from": bad}, capture_allowed=True)

@@ -189,6 +189,34 @@ def test_capture_records_last_prompt_token_and_follows_moves(st_mlp):
     assert st_mlp.pop_captures(["c0"]) == {}  # popped once
 
 
+def test_capture_mean_over_positions_across_chunks(st_mlp):
+    """``roast_capture_from``: the mean over prompt positions ``start ..`` (through the last),
+    summed over prefill chunks; beside a last-token capture in the same steps."""
+    st_mlp.capture_layers = (0, 2)
+    st_mlp.set_capture(0, "m", prompt_len=7, start=2)  # mean over positions 2..6
+    st_mlp.set_capture(1, "last", prompt_len=3)
+    seen = {}  # (row, pos) -> residual stream per layer
+    g = torch.Generator().manual_seed(3)
+    steps = [  # (rows, positions) of two prefill chunks
+        ([0, 0, 0, 0, 1, 1], [0, 1, 2, 3, 0, 1]),
+        ([0, 0, 0, 1], [4, 5, 6, 2]),
+    ]
+    for rows, pos in steps:
+        st_mlp.prepare_step(torch.tensor(rows), torch.tensor(pos), num_tokens=len(rows))
+        hidden, resid = torch.randn(len(rows), H, generator=g), torch.randn(len(rows), H, generator=g)
+        for layer in range(L):
+            st_mlp.capture_residual(layer, hidden + layer, resid)
+            for t, key in enumerate(zip(rows, pos)):
+                seen[key + (layer,)] = hidden[t] + layer + resid[t]
+        if rows is steps[0][0]:
+            assert st_mlp.pop_captures(["m"]) == {}, "not done before its last position"
+    caps = st_mlp.pop_captures(["m", "last"])
+    want = torch.stack([torch.stack([seen[(0, p, l)] for p in range(2, 7)]).mean(0) for l in (0, 2)])
+    torch.testing.assert_close(caps["m"]["residual"], want)
+    torch.testing.assert_close(caps["last"]["residual"][1], seen[(1, 2, 2)])
+    assert not st_mlp._cap_acc and not st_mlp._captures_pending
+
+
 def test_released_slot_is_zeroed_and_reuse_sees_no_old_vector(st):
     i = st.acquire(SteerSpec("a", 3.0))  # layers 1, 2
     st.release(i)
@@ -255,3 +283,173 @@ def test_each_site_reads_only_its_own_slots(st_mlp, monkeypatch):
     assert st_mlp.apply_mlp(1, act, torch.randn(2, 2 * I)) is act  # eager: skipped
     st_mlp.clear_row(1)
     assert st_mlp.slot_mlp.count_nonzero() == 0  # released slots hold no site either
+
+
+# ---------------------------------------------------------------- Fusion Steering
+class _Stream:
+    """A fake runner for Fusion requests: each step lists ``(row, request id, n tokens)``;
+    positions follow each request's own history (``restart`` sends one back to 0). Keeps
+    every request's pre-injection stream per layer to check the engine's running mean
+    against the definition (the mean over all positions so far, recomputed from scratch)."""
+
+    def __init__(self, st):
+        self.st, self.pos, self.seen, self.g = st, {}, {}, torch.Generator().manual_seed(0)
+
+    def step(self, batch, restart=(), live=None):
+        from roast_vllm.engine.state import StepRequests
+
+        st = self.st
+        qsl, ncomp, ids, rows, pos = [0], [0] * st.max_num_seqs, [None] * st.max_num_seqs, [], []
+        for row, rid, n in sorted(batch):
+            if rid in restart:
+                self.pos[rid] = 0
+                self.seen[rid] = []
+            p0 = self.pos.get(rid, 0)
+            ncomp[row], ids[row] = p0, rid
+            while len(qsl) <= row:
+                qsl.append(qsl[-1])
+            qsl.append(qsl[-1] + n)
+            rows += [row] * n
+            pos += list(range(p0, p0 + n))
+            self.pos[rid] = p0 + n
+        T = len(rows)
+        live = set(self.pos) if live is None else live
+        st.prepare_step(torch.tensor(rows), torch.tensor(pos), T, StepRequests(qsl, ncomp, ids, live))
+        hs, rs, outs = [], [], []
+        for l in range(st.num_layers):
+            h = torch.randn(T, st.hidden_size, generator=self.g)
+            r = torch.randn(T, st.hidden_size, generator=self.g)
+            hs.append(h.clone())
+            rs.append(r)
+            outs.append(st.apply_fusion(l, h, r))
+        t = 0
+        for _row, rid, n in sorted(batch):
+            hist = self.seen.setdefault(rid, [])
+            hist += [
+                (self.pos[rid] - n + i, [hs[l][t + i] + rs[l][t + i] for l in range(st.num_layers)])
+                for i in range(n)
+            ]
+            t += n
+        return rows, pos, hs, outs
+
+    def want(self, rid, p, x_h, layer, ref, coef, skip_first=False):
+        """The definition: ``x_h + c (r - mean of the stream over positions <= p)``."""
+        xs = [x[layer] for q, x in self.seen[rid] if q <= p and (q > 0 or not skip_first)]
+        if skip_first and p == 0:
+            return x_h
+        return x_h + coef * (ref - torch.stack(xs).mean(0))
+
+
+def _fusion_state():
+    s = SteeringState(L, H, max_slots=3, max_num_seqs=4, max_num_tokens=64, dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    refs = {k: {l: torch.randn(H, generator=g) for l in range(L)} for k in ("q1", "q2")}
+    for k, d in refs.items():
+        s.register_vector(k, SteeringVector(directions=d, method="fusion"))
+    s.register_vector("a", SteeringVector(directions={1: torch.ones(H), 2: 2 * torch.ones(H)}))
+    return s, refs
+
+
+def _check_rows(fake, st, rows, pos, hs, outs, owners, refs, coefs, skip=()):
+    """Every Fusion token against the definition; every other token untouched (bits)."""
+    for l in range(L):
+        for t, (row, p) in enumerate(zip(rows, pos)):
+            rid = owners.get(row)
+            if rid is None:
+                assert torch.equal(outs[l][t], hs[l][t]), f"row {row} (not Fusion) changed at layer {l}"
+                continue
+            ref, c = refs[rid][l], coefs[rid][l]
+            want = fake.want(rid, p, hs[l][t], l, ref, c, skip_first=rid in skip)
+            torch.testing.assert_close(outs[l][t], want, atol=1e-5, rtol=1e-5)
+
+
+def test_fusion_running_mean_across_chunks_steps_moves_and_gaps():
+    """Two Fusion requests (full-layer and per-third coefficients) beside an additive one
+    and a plain row: prefill in chunks, decode steps, a row move (the state follows the
+    request), a step where one is not scheduled, a recompute from position 0 (preemption),
+    and a finished request's state freed. Each step's output is the definition's."""
+    st, refs = _fusion_state()
+    coefs = {"q1": [0.8] * L, "q2": [0.5, 0.5, 1.5, -2.0]}  # 4 layers: thirds 0-1 | 2 | 3
+    st.set_row(0, SteerSpec("q1", 0.8, mode="fusion"), prompt_len=7)
+    st.set_row(1, SteerSpec("q2", (0.5, 1.5, -2.0), mode="fusion"), prompt_len=5)
+    st.set_row(2, SteerSpec("a", 3.0), prompt_len=4)
+    st.sync_rows()
+    assert st.num_fusion_rows == 2 and st.num_steered_rows == 1
+    for l, c in enumerate(coefs["q2"]):  # the slot's rows: c_l * r_l, and c_l
+        slot = st._rows[1].slot
+        assert torch.equal(st.table[l, slot], c * refs["q2"][l]) and st.fusion_coef[l, slot] == c
+    fake = _Stream(st)
+    owners = {0: "q1", 1: "q2"}
+    # prefill in chunks: q1 4 + 3 tokens, q2 5, with the additive row 2 and plain row 3
+    for batch in (
+        [(0, "q1", 4), (1, "q2", 5), (2, "x", 4), (3, "y", 2)],
+        [(0, "q1", 3), (2, "x", 1), (3, "y", 1)],
+    ):
+        rows, pos, hs, outs = fake.step(batch)
+        _check_rows(fake, st, rows, pos, hs, outs, owners, refs, coefs)
+        assert st.token_slot[: len(rows)].tolist() == [st._rows[2].slot if r == 2 else 0 for r in rows]
+    for _ in range(2):  # decode steps
+        rows, pos, hs, outs = fake.step([(0, "q1", 1), (1, "q2", 1), (2, "x", 1)])
+        _check_rows(fake, st, rows, pos, hs, outs, owners, refs, coefs)
+    # vLLM swaps rows 0 and 1: the running states follow the requests, not the rows
+    st.move_row(0, 1, swap=True)
+    owners = {0: "q2", 1: "q1"}
+    rows, pos, hs, outs = fake.step([(0, "q2", 1), (1, "q1", 1)])
+    _check_rows(fake, st, rows, pos, hs, outs, owners, refs, coefs)
+    # q1 not scheduled for a step: vLLM removes it from the persistent batch and adds it
+    # back later (a new row entry); its running mean carries on where it was
+    st.clear_row(1)
+    rows, pos, hs, outs = fake.step([(0, "q2", 1)])
+    _check_rows(fake, st, rows, pos, hs, outs, owners, refs, coefs)
+    st.set_row(1, SteerSpec("q1", 0.8, mode="fusion"), prompt_len=7)
+    rows, pos, hs, outs = fake.step([(0, "q2", 1), (1, "q1", 1)])
+    _check_rows(fake, st, rows, pos, hs, outs, owners, refs, coefs)
+    # q2 preempted and recomputed from position 0: a fresh mean
+    rows, pos, hs, outs = fake.step([(0, "q2", 6), (1, "q1", 1)], restart=("q2",))
+    _check_rows(fake, st, rows, pos, hs, outs, owners, refs, coefs)
+    assert st.num_fusion_gaps == 0
+    # q1 finishes: its row is removed and its state freed once the runner drops it
+    st.clear_row(1)
+    fake.step([(0, "q2", 1)], live={"q2"})
+    assert set(st._fstates) == {"q2"} and len(st._fstate_free) == st.max_num_seqs - 1
+    st.clear_row(0)
+    st.clear_row(2)
+    fake.step([], live=set())
+    assert not st._fstates and not st.step_fusion and st.active_slots() == 0
+
+
+def test_fusion_skip_first_and_gap():
+    """``skip_first``: position 0 is neither counted nor injected. A request that resumes
+    anywhere but where its sum ended (a prefix-cache hit the scheduler should have
+    prevented) is counted and logged."""
+    st, refs = _fusion_state()
+    st.set_row(0, SteerSpec("q1", 0.6, mode="fusion", skip_first=True), prompt_len=5)
+    fake = _Stream(st)
+    coefs = {"q1": [0.6] * L}
+    for batch in ([(0, "q1", 3)], [(0, "q1", 2)], [(0, "q1", 1)]):
+        rows, pos, hs, outs = fake.step(batch)
+        _check_rows(fake, st, rows, pos, hs, outs, {0: "q1"}, refs, coefs, skip={"q1"})
+    for l in range(L):  # position 0 of the first step came out untouched
+        assert torch.equal(outs[l][0], hs[l][0]) or pos[0] != 0
+    fake.pos["q1"] += 3  # three positions the forward never saw
+    fake.step([(0, "q1", 1)])
+    assert st.num_fusion_gaps == 1
+
+
+def test_fusion_refused_where_it_cannot_apply():
+    st, _ = _fusion_state()
+    m = SteeringVector(directions={1: torch.ones(16)}, site="mlp_act")
+    off = SteeringState(
+        L, H, max_slots=2, max_num_seqs=2, max_num_tokens=8, dtype=torch.float32, fusion=False
+    )
+    off.register_vector("q1", SteeringVector(directions={1: torch.ones(H)}))
+    with pytest.raises(SteeringVectorError, match="Fusion Steering is off"):
+        off.acquire(SteerSpec("q1", 1.0, mode="fusion"))
+    st2 = SteeringState(L, H, max_slots=2, max_num_seqs=2, max_num_tokens=8, dtype=torch.float32, mlp_size=16)
+    st2.register_vector("m", m)
+    with pytest.raises(SteeringVectorError, match="residual-stream reference"):
+        st2.acquire(SteerSpec("m", 1.0, mode="fusion"))
+    # the same vector, scale and layers as an additive request: a different slot
+    a = st.acquire(SteerSpec("q1", 0.5))
+    f = st.acquire(SteerSpec("q1", 0.5, mode="fusion"))
+    assert a != f and st.fusion_coef[:, a].abs().sum() == 0 and st.fusion_coef[:, f].tolist() == [0.5] * L

@@ -1,4 +1,5 @@
-"""Activation capture in vLLM: teacher-forced prefill of ``q ⊕ r``, last-token activations.
+"""Activation capture in vLLM: teacher-forced prefill of ``q ⊕ r``, last-token activations
+(or their mean over a span of positions: Fusion Steering's reference vectors).
 
 Each sequence runs as a one-token request tagged ``extra_args["roast_capture"] = id``; the
 steered model records its last prompt token's activations at the chosen layers and sites
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from roast_vllm.engine.spec import CAPTURE_FROM_KEY
 from roast_vllm.engine.tracker import CAPTURE_KEY
 from roast_vllm.vector import SITES
 
@@ -26,9 +28,12 @@ def capture_activations(
     sites: Sequence[str] = SITES,
     batch_size: int = 256,
     progress: bool = True,
+    starts: Sequence[int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """``{site: Tensor[len(layers), N, dim]}`` float32, the activation of each sequence's
-    last token (``N = len(token_ids)``), for a ``roast_vllm.LLM(..., enforce_eager=True)``."""
+    last token (``N = len(token_ids)``), for a ``roast_vllm.LLM(..., enforce_eager=True)``.
+    With ``starts``: sequence ``i``'s mean over its positions ``starts[i] ..`` (through the
+    last), summed in the engine step by step (prefill chunks too)."""
     from tqdm import tqdm
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -48,6 +53,12 @@ def capture_activations(
     empty = [i for i, ids in enumerate(token_ids) if len(ids) == 0]
     if empty:
         raise ValueError(f"sequences {empty[:5]} are empty; every capture needs at least one token")
+    if starts is not None:
+        if len(starts) != len(token_ids):
+            raise ValueError(f"starts has {len(starts)} entries for {len(token_ids)} sequences")
+        bad = [i for i, (s, t) in enumerate(zip(starts, token_ids)) if not 0 <= int(s) < len(t)]
+        if bad:
+            raise ValueError(f"starts of sequences {bad[:5]} are not positions of their sequence")
     llm.collective_rpc("roast_set_capture", args=(list(layers), list(sites)))
     out: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
     run = uuid.uuid4().hex[:8]
@@ -55,7 +66,11 @@ def capture_activations(
     for b in range(0, len(token_ids), batch_size):
         chunk = token_ids[b : b + batch_size]
         ids = [f"{run}-{b + i}" for i in range(len(chunk))]
-        params = [SamplingParams(max_tokens=1, temperature=0.0, extra_args={CAPTURE_KEY: c}) for c in ids]
+        extras = [{CAPTURE_KEY: c} for c in ids]
+        if starts is not None:
+            for e, st in zip(extras, starts[b : b + batch_size]):
+                e[CAPTURE_FROM_KEY] = int(st)
+        params = [SamplingParams(max_tokens=1, temperature=0.0, extra_args=e) for e in extras]
         llm.generate([TokensPrompt(prompt_token_ids=list(t)) for t in chunk], params, use_tqdm=False)
         ranks = [_load(p) for p in llm.collective_rpc("roast_pop_captures", args=(ids,))]
         for c in ids:

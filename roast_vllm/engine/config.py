@@ -32,6 +32,12 @@ class RoastConfig:
     multiply by up). Costs ``layers * (slots + 1) * intermediate`` fp32 and one fused
     multiply-add per layer in compiled graphs; switch off for the residual stream only."""
 
+    fusion: bool = True
+    """Accept Fusion Steering requests (``steer_mode="fusion"``). Costs a running sum per
+    layer and batch row, ``layers * (max_num_seqs + 1) * hidden`` fp32 (SmolLM2-135M at
+    256 rows: 18 MB; a 64-layer, 5120-wide model: 337 MB), and one op call per layer in
+    compiled graphs that returns at once when no Fusion request is in the step."""
+
     allow_capture: bool = False
     """Accept ``roast_capture`` requests (activation capture for ROAST estimation; eager
     engines only). ``roast_vllm.LLM`` turns it on (the offline caller is the one who pops

@@ -46,6 +46,7 @@ def steering_engine_kwargs(
     vectors: dict[str, str] | None = None,
     mlp_act_site: bool = True,
     allow_capture: bool = False,
+    fusion: bool = True,
     **vllm_kwargs: Any,
 ) -> dict[str, Any]:
     """The vLLM engine arguments that switch steering on for ``model`` (merged with the
@@ -61,6 +62,7 @@ def steering_engine_kwargs(
         num_layers=dims["num_layers"],
         mlp_act_site=mlp_act_site,
         allow_capture=allow_capture,
+        fusion=fusion,
         max_model_len=vllm_kwargs.get("max_model_len") or dims.get("max_position_embeddings"),
         model_dtype=model_dtype(dims, vllm_kwargs.get("dtype")),
     )
@@ -107,6 +109,7 @@ def LLM(
     vectors: dict[str, str | Path] | None = None,
     mlp_act_site: bool = True,
     allow_capture: bool = True,
+    fusion: bool = True,
     **vllm_kwargs: Any,
 ):
     """A ``vllm.LLM`` with per-request steering switched on.
@@ -120,6 +123,8 @@ def LLM(
             :func:`register_vector`).
         allow_capture: accept ``roast_capture`` requests (activation capture, eager
             engines; ``roast_vllm.engine.capture``). On by default offline, off on servers.
+        fusion: accept Fusion Steering requests (``steer_mode="fusion"``; the running
+            sums cost ``layers * (max_num_seqs + 1) * hidden`` fp32).
         **vllm_kwargs: anything ``vllm.LLM`` takes. Without ``dtype``, CPU engines use
             bf16 only where the CPU computes it natively, else fp32 (GPUs: vLLM's auto).
 
@@ -149,13 +154,14 @@ def LLM(
         {n: str(Path(p).resolve()) for n, p in (vectors or {}).items()},
         mlp_act_site,
         allow_capture,
+        fusion,
         **vllm_kwargs,
     )
     registry.reset()
     llm = vllm.LLM(**kw)
     mc = llm.llm_engine.model_config
     # the front end's registry, with the engine's resolved length and dtype
-    registry.set_model(dims["num_layers"], mc.max_model_len, str(mc.dtype), allow_capture)
+    registry.set_model(dims["num_layers"], mc.max_model_len, str(mc.dtype), allow_capture, fusion)
     for name, v in vecs.items():
         registry.add(name, v)
     llm.roast_dims = dims

@@ -25,6 +25,7 @@ class ModelInfo:
     max_model_len: int | None = None
     dtype: str | None = None
     allow_capture: bool = False
+    fusion: bool = True
 
 
 _model: ModelInfo | None = None
@@ -35,9 +36,12 @@ def set_model(
     max_model_len: int | None = None,
     dtype: str | None = None,
     allow_capture: bool = False,
+    fusion: bool = True,
 ) -> None:
     global _model
-    _model = ModelInfo(num_layers, max_model_len, None if dtype is None else str(dtype), allow_capture)
+    _model = ModelInfo(
+        num_layers, max_model_len, None if dtype is None else str(dtype), allow_capture, fusion
+    )
 
 
 def add(name: str, vector) -> VectorInfo:
@@ -76,7 +80,7 @@ def _load_env_once() -> None:
     cfg = RoastConfig.from_env()
     if cfg is None:
         return
-    set_model(cfg.num_layers, cfg.max_model_len, cfg.model_dtype, cfg.allow_capture)
+    set_model(cfg.num_layers, cfg.max_model_len, cfg.model_dtype, cfg.allow_capture, cfg.fusion)
     for name, path in cfg.vectors.items():
         add(name, SteeringVector.load(path))
 
@@ -94,7 +98,7 @@ def check(spec: SteerSpec) -> str:
     # under the lock, without copying: per-request cost is independent of how many vectors
     # are registered (Fusion Steering registers one per prompt)
     with _lock:
-        check_against(spec, _vectors, m.num_layers, m.max_model_len, m.dtype)
+        check_against(spec, _vectors, m.num_layers, m.max_model_len, m.dtype, m.fusion)
         return _vectors[spec.vector].digest
 
 

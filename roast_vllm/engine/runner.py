@@ -25,7 +25,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from roast_vllm.engine.state import SteeringState
+from roast_vllm.engine.state import SteeringState, StepRequests
 
 _HOOKED = "_roast_step_hook"
 
@@ -103,6 +103,17 @@ class _StepHook:
         runner = self.runner
         # query_start_loc is the runner's own buffer (not attention metadata, which differs
         # between backends): its entry at num_reqs is the number of real tokens this step.
-        n = int(runner.query_start_loc.np[runner.input_batch.num_reqs])
-        self.state.prepare_step(runner.req_indices.gpu, positions, n)
+        batch = runner.input_batch
+        n = int(runner.query_start_loc.np[batch.num_reqs])
+        requests = None
+        if self.state.num_fusion_rows or self.state._fstates:
+            # host-side arrays only (no device read): Fusion requests' offsets, computed
+            # counts and ids (a running mean belongs to a request, not to a batch row)
+            requests = StepRequests(
+                runner.query_start_loc.np[: batch.num_reqs + 1],
+                batch.num_computed_tokens_cpu,
+                batch.req_ids,
+                runner.requests,
+            )
+        self.state.prepare_step(runner.req_indices.gpu, positions, n, requests)
         return self.inner(*args, **kwargs)

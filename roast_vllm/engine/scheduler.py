@@ -7,7 +7,10 @@
    batch) over-counts at worst, so the worker always finds a free slot.
 2. Prefix-cache salt: a steered request's KV blocks differ from an unsteered one's, so
    its block hashes are salted with its steering and the absolute positions it steers
-   (see ``SteerSpec.cache_salt``).
+   (see ``SteerSpec.cache_salt``). A Fusion Steering request reads no prefix cache at
+   all: its running mean needs the forward to see every position (a cached block's
+   positions would be missing from it), also when it is recomputed after preemption; nor
+   does a mean capture (``roast_capture_from``), for the same reason.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from roast_vllm.engine.config import RoastConfig
-from roast_vllm.engine.spec import SteeringRequestError, parse_steer_args
+from roast_vllm.engine.spec import CAPTURE_FROM_KEY, SteeringRequestError, parse_steer_args
 
 QUALNAME = "roast_vllm.engine.scheduler.SteeringScheduler"
 
@@ -43,12 +46,18 @@ class _SteeringMixin:
         self.num_slot_blocked = 0
 
     def add_request(self, request) -> None:
+        extra = request.sampling_params.extra_args if request.sampling_params else None
+        if isinstance(extra, dict) and CAPTURE_FROM_KEY in extra:
+            # a mean capture must see every position it averages (cached ones are skipped)
+            request.skip_reading_prefix_cache = True
         spec = _spec(request)
         if spec is not None and request.request_id not in self.requests:
             salt = spec.cache_salt(request.num_prompt_tokens)
             request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
             request.block_hashes = []
             request.update_block_hashes()
+            if spec.mode == "fusion":
+                request.skip_reading_prefix_cache = True
         super().add_request(request)
 
     def _slot_blocked(self) -> list[tuple]:

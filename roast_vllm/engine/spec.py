@@ -17,12 +17,20 @@ steer_positions    all | prompt | generated | last_prompt_and_generated    all
 steer_start        int: steer absolute positions >= this one (overrides    (unset)
                    steer_positions; for scoring a continuation that is
                    part of the prompt, e.g. ``len(question) - 1``)
+steer_mode         ``add`` (``h += scale_l * v_l``) or ``fusion`` (Fusion     add
+                   Steering: ``h += c_l * (r_l - m_l)``, ``steer_vector``
+                   the request's reference ``r``, ``steer_scale`` its
+                   coefficients ``c``, ``m_l`` the running mean of the
+                   request's own stream; every position, residual site)
+steer_skip_first   fusion only: leave position 0 (the attention sink) out  false
+                   of the mean and uninjected
 =================  ======================================================  ===========
 
 Keys starting with ``roast_`` are internal: ``roast_vector_digest`` is stamped by the
 front end (which version of the named vector the request steers with; a client's value is
 overwritten), ``roast_capture`` asks for an activation capture and is accepted only by
-engines started with capture on (offline ``roast_vllm.LLM``; servers opt in). Any other
+engines started with capture on (offline ``roast_vllm.LLM``; servers opt in);
+``roast_capture_from = k`` makes it the mean over prompt positions ``k ..``. Any other
 ``roast_*`` or ``steer_*`` key is refused.
 
 Every value is bounded here, so nothing a client sends can overflow a tensor write in the
@@ -40,10 +48,20 @@ from dataclasses import dataclass
 from typing import Any
 
 POSITIONS = ("all", "prompt", "generated", "last_prompt_and_generated")
-KEYS = ("steer_vector", "steer_scale", "steer_layers", "steer_positions", "steer_start")
+KEYS = (
+    "steer_vector",
+    "steer_scale",
+    "steer_layers",
+    "steer_positions",
+    "steer_start",
+    "steer_mode",
+    "steer_skip_first",
+)
+MODES = ("add", "fusion")
 DIGEST_KEY = "roast_vector_digest"  # stamped by the front end; never taken from a client
 CAPTURE_KEY = "roast_capture"  # capture id of an activation-capture request (opt-in)
-INTERNAL_KEYS = (DIGEST_KEY, CAPTURE_KEY)
+CAPTURE_FROM_KEY = "roast_capture_from"  # capture the mean over prompt positions >= this
+INTERNAL_KEYS = (DIGEST_KEY, CAPTURE_KEY, CAPTURE_FROM_KEY)
 
 #: Largest ``|steer_scale|``. Representable in every float dtype a table is kept in (fp32);
 #: far beyond any useful steering (vectors are O(1) per element).
@@ -83,6 +101,8 @@ class SteerSpec:
     positions: str = "all"
     start: int | None = None  # steer positions >= start (overrides ``positions``)
     digest: str | None = None  # the vector version (front-end stamp); None: the current one
+    mode: str = "add"  # "add" or "fusion" (Fusion Steering, methods/fusion.py)
+    skip_first: bool = False  # fusion: position 0 neither counted in the mean nor injected
 
     @property
     def max_abs_scale(self) -> float:
@@ -107,7 +127,7 @@ class SteerSpec:
         """What fills a row of the steering table; requests that share it share a slot.
         The digest, not the name: two versions of one name are two configurations.
         Position scope is per request (a row property), so it is not part of the key."""
-        return (self.digest or self.vector, self.scale, self.layers)
+        return (self.digest or self.vector, self.scale, self.layers, self.mode)
 
     def cache_salt(self, prompt_len: int) -> str:
         """Prefix-cache salt: KV computed under this steering must only be reused by
@@ -116,13 +136,15 @@ class SteerSpec:
         too: a chat's turn 2 holds turn 1's reply in its prompt). See README, "Prefix
         caching"."""
         lo, hi = self.token_range(prompt_len)
-        return "roast:" + json.dumps(
-            [self.digest or self.vector, repr(self.scale), self.layers, lo, None if hi >= _NO_LIMIT else hi],
-            separators=(",", ":"),
-        )
+        key = [self.digest or self.vector, repr(self.scale), self.layers, lo, None if hi >= _NO_LIMIT else hi]
+        if self.mode != "add":
+            key.append(self.mode)  # Fusion KV is not an additive request's (add keeps its salts)
+        return "roast:" + json.dumps(key, separators=(",", ":"))
 
     def token_range(self, prompt_len: int) -> tuple[int, int]:
         """``[lo, hi)`` of absolute token positions that are steered."""
+        if self.mode == "fusion":
+            return (1 if self.skip_first else 0), _NO_LIMIT
         if self.start is not None:
             return self.start, _NO_LIMIT
         if self.positions == "all":
@@ -242,10 +264,43 @@ def parse_steer_args(extra_args: Any) -> SteerSpec | None:
         start = _as_index("steer_start", present["steer_start"], "(a position)")
         if "steer_positions" in present:
             raise SteeringRequestError("give steer_positions or steer_start, not both")
+    mode = present.get("steer_mode", "add")
+    if not isinstance(mode, str) or mode not in MODES:
+        raise SteeringRequestError(f"steer_mode={mode!r:.80} is not one of {list(MODES)}")
+    skip_first = _as_bool("steer_skip_first", present.get("steer_skip_first", False))
+    if mode == "fusion":
+        scoped = sorted(k for k in ("steer_positions", "steer_start") if k in present)
+        if scoped:
+            raise SteeringRequestError(
+                f"{scoped[0]} does not apply to steer_mode='fusion': Fusion Steering injects at "
+                "every position (use steer_skip_first to leave out position 0)"
+            )
+    elif "steer_skip_first" in present:
+        raise SteeringRequestError("steer_skip_first applies to steer_mode='fusion' only")
     digest = extra_args.get(DIGEST_KEY)
     if digest is not None and not (isinstance(digest, str) and _DIGEST_RE.match(digest)):
         raise SteeringRequestError(f"{DIGEST_KEY} is set by roast-vllm's front end; do not send it")
-    return SteerSpec(vector=name, scale=scale, layers=layers, positions=positions, start=start, digest=digest)
+    return SteerSpec(
+        vector=name,
+        scale=scale,
+        layers=layers,
+        positions=positions,
+        start=start,
+        digest=digest,
+        mode=mode,
+        skip_first=skip_first,
+    )
+
+
+def _as_bool(key: str, v: Any) -> bool:
+    """A bool, 0/1 or "true"/"false" (vllm_xargs sends strings)."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in ("true", "false", "1", "0"):
+        return v.strip().lower() in ("true", "1")
+    raise SteeringRequestError(f"{key} must be true or false, got {v!r:.80}")
 
 
 def check_internal_keys(extra_args: Any, *, capture_allowed: bool) -> None:
@@ -268,6 +323,13 @@ def check_internal_keys(extra_args: Any, *, capture_allowed: bool) -> None:
                 raise SteeringRequestError(
                     f"{CAPTURE_KEY} must be a non-empty string id of at most {MAX_NAME_LEN} chars, "
                     f"got {v!r:.80}"
+                )
+        elif k == CAPTURE_FROM_KEY:
+            if CAPTURE_KEY not in extra_args:
+                raise SteeringRequestError(f"{CAPTURE_FROM_KEY} needs {CAPTURE_KEY} (a capture id)")
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < MAX_INDEX:
+                raise SteeringRequestError(
+                    f"{CAPTURE_FROM_KEY} must be a prompt position (int >= 0), got {v!r:.80}"
                 )
         else:
             raise SteeringRequestError(f"unknown internal key {k!r}; roast_* keys are reserved")
@@ -301,9 +363,11 @@ def check_against(
     num_layers: int | None,
     max_model_len: int | None = None,
     dtype: str | None = None,
+    fusion: bool = True,
 ) -> None:
     """Check a spec against the registered vectors (name known, layers in range and
-    present in the vector, start below the model's maximum length, bounded delta)."""
+    present in the vector, start below the model's maximum length, bounded delta; Fusion
+    only where the engine has it, on a residual reference)."""
     info = vectors.get(spec.vector)
     if info is None:
         known = sorted(vectors) or "none registered yet"
@@ -333,6 +397,17 @@ def check_against(
             f"steer_start={spec.start} is beyond the model's maximum length {max_model_len}: "
             "nothing would be steered"
         )
+    if spec.mode == "fusion":
+        if not fusion:
+            raise SteeringRequestError(
+                "steer_mode='fusion': Fusion Steering is off on this engine; start it with the "
+                "roast config's fusion=True (the default)"
+            )
+        if info.site != "residual":
+            raise SteeringRequestError(
+                f"steer_mode='fusion' needs a residual-stream reference; {spec.vector!r} is a "
+                f"{info.site} vector"
+            )
     limit = max_delta(dtype)
     if spec.max_abs_scale * info.max_abs > limit:
         raise SteeringRequestError(

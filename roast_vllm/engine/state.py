@@ -14,6 +14,10 @@ Shapes (``L`` layers, ``S = max_steering_slots + 1`` slots, ``H`` hidden, ``R`` 
     mlp_token_slot [T]     int64, the same for ``mlp_act`` slots
     row_slot    [R]        slot of the request in each persistent-batch row
     row_lo/hi   [R]        steered absolute positions [lo, hi) of each row
+    fusion_coef [L, S]     fp32 per-layer coefficient c_l of each Fusion slot (0 elsewhere)
+    fusion_sum  [L, K, H]  fp32 running sum of each Fusion request's own pre-injection
+                           stream per layer (K = max_num_seqs + 1 running states; 0 unused)
+    fusion_meta [5, R]     int64 this step's Fusion requests: start, n, state, slot, count0
 
 Per step, before the forward and outside any captured region (CUDA graph or compiled
 graph), ``prepare_step`` fills ``token_slot`` and ``mlp_token_slot`` from the model
@@ -39,10 +43,25 @@ Each site's op reads its own per-token slots: a token steered at one site is slo
 the other site's op, which so skips it (on CPU the other op's call is one scan of an
 all-zero ``mlp_token_slot``, not a pass over rows whose table row is zero).
 
+Fusion Steering (``steer_mode="fusion"``): a Fusion slot's table rows hold ``c_l * r_l``
+(never read by ``steer_apply``: its tokens get residual slot 0) and ``fusion_coef`` its
+``c_l``. The ``fusion_mean`` op adds ``c_l * (r_l - m_l)`` with ``m_l`` the request's running
+mean, kept in ``fusion_sum`` by the forward itself. A running state belongs to a *request*
+(vLLM's request id), not to a batch row: vLLM drops a request that is not scheduled in a
+step from the persistent batch and adds it back later, and moves rows around; the state
+stays put. ``prepare_step`` (outside any graph) writes ``fusion_meta`` from the runner's
+per-request token offsets and computed-token counts; a request seen again at position 0
+(recomputed after preemption) starts a fresh sum. Fusion requests never read the prefix
+cache (the scheduler sets ``skip_reading_prefix_cache``): a cached position is a position
+the forward never saw, so its term would be missing from the mean.
+
 Activation capture (eager engines only, opt-in with the roast config's ``allow_capture``):
 a request with ``extra_args["roast_capture"] = id`` records, at its last prompt token, the
 residual stream after every capture layer and the ``mlp_act`` activation, kept here until
-``pop_captures`` takes them (at most ``max_capture_bytes``; the oldest are dropped).
+``pop_captures`` takes them (at most ``max_capture_bytes``; the oldest are dropped). With
+``roast_capture_from = k`` it records their mean over prompt positions ``k ..`` instead
+(Fusion Steering's reference vectors: the answer-and-explanation positions), summed step by
+step across prefill chunks.
 
 Vectors are versioned by content digest: re-registering a name adds a version; a request
 steers with the version the front end stamped on it at submission, so a running,
@@ -60,12 +79,14 @@ import torch
 from torch import nn
 
 from roast_vllm.engine.spec import (
+    CAPTURE_FROM_KEY,
     CAPTURE_KEY,
     MAX_SCALE,
     SteeringRequestError,
     SteerSpec,
     parse_steer_args,
 )
+from roast_vllm.kernels.fusion_mean import fusion_mean
 from roast_vllm.kernels.steer_apply import steer_apply
 from roast_vllm.kernels.steer_mlp_act import steer_mlp_act
 from roast_vllm.vector import SteeringVector, SteeringVectorError
@@ -100,7 +121,31 @@ class _Row:
     slot: int = 0  # 0: not steered
     lo: int = 0
     hi: int = 0
-    capture: tuple[str, int] | None = None  # (capture id, absolute position to record)
+    capture: tuple[str, int, int] | None = None  # (capture id, first, last position averaged)
+    fusion: bool = False  # a Fusion Steering request (slot read by fusion_mean only)
+
+
+@dataclass
+class _FState:
+    """One Fusion request's running state: its row of ``fusion_sum`` and the position the
+    next step must start at (anything else is a gap or a recompute)."""
+
+    index: int
+    next_pos: int = 0
+    last_step: int = 0
+
+
+@dataclass
+class StepRequests:
+    """What ``prepare_step`` needs of the runner for Fusion requests (CPU, no device read):
+    ``query_start_loc [num_reqs + 1]`` token offset of each batch row, ``num_computed [R]``
+    tokens each row had computed before this step, ``req_ids [R]`` each row's request id,
+    ``live``: the ids of requests the runner still holds (running or preempted)."""
+
+    query_start_loc: object
+    num_computed: object
+    req_ids: list
+    live: object
 
 
 @dataclass
@@ -110,6 +155,7 @@ class _Pending:
     spec: SteerSpec | None
     prompt_len: int | None  # None: not given (prompt embeddings): read from the runner
     capture: str | None
+    capture_from: int | None = None  # mean over prompt positions >= this (None: last token)
 
 
 class SlotsExhausted(RuntimeError):
@@ -136,6 +182,7 @@ class SteeringState(nn.Module):
         compiled: bool = False,
         allow_capture: bool = True,
         max_capture_bytes: int = 1 << 30,
+        fusion: bool = True,
     ) -> None:
         super().__init__()
         self.num_layers = num_layers
@@ -174,6 +221,31 @@ class SteeringState(nn.Module):
             torch.zeros(max_num_tokens, dtype=torch.long, device=device),
             persistent=False,
         )
+        # Fusion Steering: per-slot coefficients, per-request running sums, per-step list.
+        self.fusion = fusion
+        nf = max_num_seqs + 1 if fusion else 1
+        self.register_buffer(
+            "fusion_coef",
+            torch.zeros(num_layers, max_slots + 1, dtype=torch.float32, device=device),
+            persistent=False,
+        )
+        self.register_buffer(
+            "fusion_sum",
+            torch.zeros(num_layers, nf, hidden_size, dtype=torch.float32, device=device),
+            persistent=False,
+        )
+        self.fusion_meta_cpu = torch.zeros(5, max_num_seqs, dtype=torch.long)
+        self.register_buffer("fusion_meta", self.fusion_meta_cpu.clone().to(device), persistent=False)
+        self._fstates: dict[object, _FState] = {}  # request id -> running state
+        self._fstate_free = list(range(nf - 1, 0, -1))
+        self._fusion_dirty = False
+        self.num_fusion_rows = 0
+        #: Python-side "a Fusion request has tokens this step" (eager skip only).
+        self.step_fusion = False
+        #: Steps where a Fusion request did not start where its running sum ended (should
+        #: stay 0: prefix-cache reads are off for Fusion requests); each one is logged.
+        self.num_fusion_gaps = 0
+        self.num_fusion_evictions = 0
         # Host-side per-row state (the tracker writes it), mirrored to the device.
         self.row_slot_cpu = torch.zeros(max_num_seqs, dtype=torch.long)
         self.row_lo_cpu = torch.zeros(max_num_seqs, dtype=torch.long)
@@ -213,6 +285,7 @@ class SteeringState(nn.Module):
         #: scheduler did their part; each one is logged as an error).
         self.num_rows_refused = 0
         self._rows: dict[int, _Row] = {}
+        self._fusion_rows: dict[int, _Row] = {}
         #: Some row waits for a capture: derived from ``_rows`` where captures change (batch
         #: updates, capture steps), so steps without captures skip the scan of ``_rows``.
         self._captures_pending = False
@@ -224,8 +297,11 @@ class SteeringState(nn.Module):
         self.capture_layers: tuple[int, ...] = tuple(range(num_layers))
         self.capture_sites: tuple[str, ...] = ("residual", "mlp_act") if mlp_size else ("residual",)
         self._cap_index: torch.Tensor | None = None  # token indices of this step's captures
-        self._cap_ids: list[str] = []
-        self._cap_step: dict[str, dict[str, list[torch.Tensor | None]]] = {}
+        self._cap_groups: dict[str, list[int]] = {}  # capture id -> its rows of _cap_index
+        self._cap_done: set[str] = set()  # captures whose last position is in this step
+        # per capture id: per site, per capture layer, the sum over the positions so far
+        self._cap_acc: dict[str, dict[str, list[torch.Tensor | None]]] = {}
+        self._cap_count: dict[str, int] = {}
         self._cap_layer_pos: dict[int, int] = {}
         self.captures: dict[str, dict[str, torch.Tensor]] = {}
         self._capture_bytes = 0
@@ -278,6 +354,7 @@ class SteeringState(nn.Module):
         self.slot_mlp[slot.index] = 0
         self.table[:, slot.index].zero_()
         self.mlp_table[:, slot.index].zero_()
+        self.fusion_coef[:, slot.index].zero_()
         self._free.append(slot.index)
 
     # -------------------------------------------------------------- slots
@@ -296,17 +373,27 @@ class SteeringState(nn.Module):
         missing = [l for l in layers if l not in vec.directions]
         if missing:
             raise SteeringVectorError(f"vector {spec.vector!r} has no direction for layers {missing}")
+        fusion = spec.mode == "fusion"
+        if fusion:
+            if not self.fusion:
+                raise SteeringVectorError(
+                    "Fusion Steering is off on this engine; start it with the roast config's fusion=True"
+                )
+            if vec.site != "residual":
+                raise SteeringVectorError(
+                    f"Fusion Steering needs a residual-stream reference; {spec.vector!r} is a "
+                    f"{vec.site} vector"
+                )
         per_layer = isinstance(spec.scale, tuple)
         if not all(
             math.isfinite(x) and abs(x) <= MAX_SCALE for x in (spec.scale if per_layer else [spec.scale])
         ):
             raise SteeringVectorError(f"steer_scale {spec.scale!r} out of range (|scale| <= {MAX_SCALE:g})")
-        if per_layer:
-            try:
-                layer_scales = spec.layer_scales(self.num_layers)
-            except SteeringRequestError as e:
-                raise SteeringVectorError(str(e)) from None
-        key = (digest, spec.scale, spec.layers)
+        try:
+            layer_scales = spec.layer_scales(self.num_layers)
+        except SteeringRequestError as e:
+            raise SteeringVectorError(str(e)) from None
+        key = (digest, spec.scale, spec.layers, spec.mode)
         slot = self._slots.get(key)
         if slot is None:
             if not self._free:
@@ -321,15 +408,21 @@ class SteeringState(nn.Module):
             for l in layers:
                 # tensor parallel: this rank's MLP columns are one contiguous slice
                 rows[l] = vec.directions[l][rank * width : (rank + 1) * width]
-                if per_layer:
+                if per_layer or fusion:
                     # a per-layer scale is folded into the slot's own rows (fp32, the same
                     # product the ops form from table * scale), with the slot's scale 1.0:
-                    # no per-layer buffer, the ops and the captured graphs are unchanged
+                    # no per-layer buffer, the ops and the captured graphs are unchanged.
+                    # Fusion: the rows are c_l * r_l, and fusion_coef holds c_l.
                     rows[l] *= layer_scales[l]
             # the other site's rows of this slot are already zero: free slots hold nothing
             # (zeroed at start and by _release_index)
             (self.mlp_table if mlp else self.table)[:, index].copy_(rows)
-            self.slot_scale[index] = 1.0 if per_layer else spec.scale
+            if fusion:
+                coef = torch.zeros(self.num_layers, dtype=torch.float32)
+                for l in layers:
+                    coef[l] = layer_scales[l]
+                self.fusion_coef[:, index].copy_(coef)
+            self.slot_scale[index] = 1.0 if (per_layer or fusion) else spec.scale
             self.slot_mlp[index] = int(mlp)
             slot = _Slot(index, key, mlp=mlp)
             self._slots[key] = slot
@@ -375,8 +468,17 @@ class SteeringState(nn.Module):
                 self.num_rows_refused += 1
                 spec = None
             cap = extra.get(CAPTURE_KEY) if isinstance(extra, dict) else None
+            cap_from = extra.get(CAPTURE_FROM_KEY) if isinstance(extra, dict) else None
             n = len(prompt_ids) if prompt_ids is not None else None
-            entries.append((row, spec, n, cap if isinstance(cap, str) and cap else None))
+            cap = cap if isinstance(cap, str) and cap else None
+            if (
+                cap is not None
+                and isinstance(cap_from, int)
+                and not isinstance(cap_from, bool)
+                and cap_from >= 0
+            ):
+                cap = (cap, cap_from)  # checked at submission; anything else: last token
+            entries.append((row, spec, n, cap))
         self._apply(removed, entries, [(a, b, kind == MoveDirectionality.SWAP) for a, b, kind in moved])
 
     def _apply(self, removed, added, moved) -> None:
@@ -387,7 +489,8 @@ class SteeringState(nn.Module):
             if spec is None and cap is None:
                 occ.pop(row, None)
             else:
-                occ[row] = _Pending(spec, n, cap)
+                cid, start = cap if isinstance(cap, tuple) else (cap, None)
+                occ[row] = _Pending(spec, n, cid, start)
         for src, dst, swap in moved:
             a, b = occ.pop(src, None), occ.pop(dst, None)
             if a is not None:
@@ -413,13 +516,16 @@ class SteeringState(nn.Module):
             r = _Row()
             if e.capture is not None:
                 if self.allow_capture:
-                    r.capture = (e.capture, max(n - 1, 0))
+                    last = max(n - 1, 0)
+                    first = last if e.capture_from is None else min(e.capture_from, last)
+                    r.capture = (e.capture, first, last)
                 else:
                     logger.error("roast-vllm: capture %r refused: capture is off on this engine", e.capture)
             if e.spec is not None:
                 try:
                     r.slot = self.acquire(e.spec)
                     r.lo, r.hi = e.spec.token_range(n)
+                    r.fusion = e.spec.mode == "fusion"
                 except (SteeringVectorError, SlotsExhausted) as err:
                     logger.error(
                         "roast-vllm: request in row %d cannot be steered (%s); it runs UNSTEERED",
@@ -432,10 +538,14 @@ class SteeringState(nn.Module):
         self._rows = rows
         self.row_slot_cpu.zero_()
         for row, r in rows.items():
+            if r.fusion:
+                continue  # read by fusion_mean through fusion_meta, never through token_slot
             self.row_slot_cpu[row] = r.slot
             self.row_lo_cpu[row] = r.lo
             self.row_hi_cpu[row] = r.hi
-        self.num_steered_rows = sum(1 for r in rows.values() if r.slot)
+        self._fusion_rows = {row: r for row, r in rows.items() if r.fusion}
+        self.num_fusion_rows = len(self._fusion_rows)
+        self.num_steered_rows = sum(1 for r in rows.values() if r.slot and not r.fusion)
         self.num_mlp_rows = sum(
             1 for r in rows.values() if r.slot and (s := self._slot_by_index.get(r.slot)) and s.mlp
         )
@@ -447,14 +557,19 @@ class SteeringState(nn.Module):
     def set_row(self, row: int, spec: SteerSpec | None, prompt_len: int | None) -> None:
         self._apply([], [(row, spec, prompt_len, None)], [])
 
-    def set_capture(self, row: int, capture_id: str | None, prompt_len: int) -> None:
-        """Record the activations of ``row``'s last prompt token under ``capture_id``."""
+    def set_capture(
+        self, row: int, capture_id: str | None, prompt_len: int, start: int | None = None
+    ) -> None:
+        """Record the activations of ``row``'s last prompt token under ``capture_id`` (or
+        their mean over prompt positions ``start ..``)."""
         r = self._rows.get(row)
         if r is None:
             if capture_id is None:
                 return
             r = self._rows[row] = _Row()
-        r.capture = (capture_id, prompt_len - 1) if capture_id is not None else None
+        last = prompt_len - 1
+        first = last if start is None else min(start, last)
+        r.capture = (capture_id, first, last) if capture_id is not None else None
         self._captures_pending = bool(self._capture_rows)
 
     def clear_row(self, row: int) -> None:
@@ -464,7 +579,7 @@ class SteeringState(nn.Module):
         self._apply([], [], [(src, dst, swap)])
 
     @property
-    def _capture_rows(self) -> dict[int, tuple[str, int]]:
+    def _capture_rows(self) -> dict[int, tuple[str, int, int]]:
         return {row: r.capture for row, r in self._rows.items() if r.capture is not None}
 
     def sync_rows(self) -> None:
@@ -475,7 +590,13 @@ class SteeringState(nn.Module):
             self._rows_dirty = False
 
     # ------------------------------------------------------------ forward
-    def prepare_step(self, req_indices: torch.Tensor, positions: torch.Tensor, num_tokens: int) -> None:
+    def prepare_step(
+        self,
+        req_indices: torch.Tensor,
+        positions: torch.Tensor,
+        num_tokens: int,
+        requests: StepRequests | None = None,
+    ) -> None:
         """Fill ``token_slot`` for this step. Runs before the forward, outside any captured
         region; the graph reads ``token_slot`` by address.
 
@@ -485,6 +606,9 @@ class SteeringState(nn.Module):
             positions: ``[T_pad]`` int, absolute position of each token; ``T_pad >=
                 num_tokens`` is the (CUDA-graph) padded step size.
             num_tokens: real tokens this step; tokens ``num_tokens..`` are padding.
+            requests: the runner's per-row offsets, computed counts and request ids, for
+                Fusion requests (None: derived from ``req_indices`` and ``positions`` on
+                the host, with the row index as the request id; tests only).
 
         Token ``t`` of row ``r`` gets ``row_slot[r]`` when ``row_lo[r] <= pos(t) <
         row_hi[r]``, else 0; padded tokens get 0.
@@ -497,6 +621,7 @@ class SteeringState(nn.Module):
             )
         self.num_steps_prepared += 1
         self._prepare_capture(req_indices, positions, num_tokens)
+        self._prepare_fusion(req_indices, positions, num_tokens, requests)
         self.step_steered = self.num_steered_rows > 0
         self.step_steered_mlp = self.num_mlp_rows > 0
         self.step_steered_residual = self.num_steered_rows > self.num_mlp_rows
@@ -518,6 +643,91 @@ class SteeringState(nn.Module):
         self.token_slot[n:].zero_()  # padded graph tokens (and any stale tail) get slot 0
         self.mlp_token_slot[n:].zero_()
         self._tokens_dirty = True
+
+    def _prepare_fusion(self, req_indices, positions, n: int, requests: StepRequests | None) -> None:
+        """Fill ``fusion_meta`` with this step's Fusion requests (compact: entries with
+        tokens first, then ``n = 0``) and keep each request's running state. Host-side only.
+
+        Per request: its tokens ``[start, start + n)`` this step begin at position ``p0``;
+        with ``lo`` = 1 under ``skip_first`` (position 0 neither counted nor injected) and
+        else 0, the positions counted before this step are ``count0 = p0 - lo``."""
+        if not self._fstates and not self._fusion_rows:
+            if self._fusion_dirty:
+                self.fusion_meta_cpu[1].zero_()
+                self.fusion_meta[1].zero_()
+                self._fusion_dirty = False
+            self.step_fusion = False
+            return
+        if requests is None:
+            requests = _requests_from_tokens(req_indices, positions, n, self.max_num_seqs)
+        live = requests.live
+        for rid in [rid for rid in self._fstates if rid not in live]:
+            self._fstate_free.append(self._fstates.pop(rid).index)  # finished: free the row
+        meta = self.fusion_meta_cpu
+        meta[1].zero_()
+        qsl, ncomp, ids = requests.query_start_loc, requests.num_computed, requests.req_ids
+        j = 0
+        for row, r in self._fusion_rows.items():
+            if row + 1 >= len(qsl) or row >= len(ids):
+                continue  # not in this step's batch
+            start, end = int(qsl[row]), int(qsl[row + 1])
+            if end <= start:
+                continue
+            rid, p0 = ids[row], int(ncomp[row])
+            fs = self._fstate(rid)
+            if fs is None:
+                continue
+            if p0 == 0:
+                fs.next_pos = 0  # (re)computed from the start: a fresh sum
+                self.fusion_sum[:, fs.index].zero_()
+            elif p0 != fs.next_pos:
+                self.num_fusion_gaps += 1
+                logger.error(
+                    "roast-vllm: Fusion request %s resumes at position %d but its running mean "
+                    "covers positions up to %d; its mean misses or repeats positions",
+                    rid,
+                    p0,
+                    fs.next_pos,
+                )
+            fs.next_pos = p0 + (end - start)
+            fs.last_step = self.num_steps_prepared
+            skip = max(r.lo - p0, 0)  # leading positions below lo (skip_first: position 0)
+            if end - start - skip <= 0:
+                continue
+            meta[:, j] = torch.tensor([start + skip, end - start - skip, fs.index, r.slot, p0 + skip - r.lo])
+            j += 1
+        self.step_fusion = j > 0
+        if j or self._fusion_dirty:
+            self.fusion_meta.copy_(meta, non_blocking=True)
+            self._fusion_dirty = j > 0
+
+    def _fstate(self, rid) -> _FState | None:
+        fs = self._fstates.get(rid)
+        if fs is not None:
+            return fs
+        if not self._fstate_free:
+            # More live Fusion requests than batch rows: some are preempted (their next
+            # run starts at position 0 and a fresh sum) or not scheduled. Evict the one
+            # idle longest; should it resume mid-sequence, the gap is logged.
+            victim = min(self._fstates, key=lambda k: self._fstates[k].last_step, default=None)
+            if victim is None:
+                return None
+            self._fstate_free.append(self._fstates.pop(victim).index)
+            self.num_fusion_evictions += 1
+        fs = self._fstates[rid] = _FState(self._fstate_free.pop())
+        self.fusion_sum[:, fs.index].zero_()
+        return fs
+
+    def apply_fusion(self, layer: int, h: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """Fusion Steering at ``layer`` for this step's Fusion tokens of ``h [n, H]`` (the
+        layer's output; the stream is ``h + residual``), in place; ``fusion_sum[layer]``
+        takes their stream. In a compiled graph one opaque op call."""
+        if not self.fusion or self._eager_skip(h, self.step_fusion):
+            return h
+        res = residual if residual is not None else torch.zeros_like(h)
+        return fusion_mean(
+            h, res, self.table[layer], self.fusion_coef[layer], self.fusion_sum, self.fusion_meta, layer
+        )
 
     def _eager_skip(self, x: torch.Tensor, steered: bool) -> bool:
         """True when the steering op may be skipped: plain eager execution with no row
@@ -566,11 +776,14 @@ class SteeringState(nn.Module):
         self._record(layer, "residual", h)
 
     def _record(self, layer: int, site: str, rows: torch.Tensor) -> None:
+        """Add ``rows [n, dim]`` (this step's capture tokens, fp32) to each capture's sum."""
         if layer not in self._cap_layer_pos:
             return
         k = self._cap_layer_pos[layer]
-        for i, cid in enumerate(self._cap_ids):
-            self._cap_step[cid][site][k] = rows[i].cpu()
+        for cid, idx in self._cap_groups.items():
+            part = (rows[idx[0]] if len(idx) == 1 else rows[idx[0] : idx[-1] + 1].sum(0)).cpu()
+            acc = self._cap_acc[cid][site]
+            acc[k] = part if acc[k] is None else acc[k] + part
 
     def _drop_capture(self, row: int) -> None:
         r = self._rows.get(row)
@@ -596,35 +809,50 @@ class SteeringState(nn.Module):
             return
         rows = req_indices[:n].tolist()
         pos = positions[:n].tolist()
-        want = {(row, at): cid for row, (cid, at) in pending.items()}
-        idx, ids = [], []
-        for t, key in enumerate(zip(rows, pos)):
-            cid = want.get(key)
-            if cid is not None:
-                idx.append(t)
-                ids.append(cid)
-                self._drop_capture(key[0])
-        self._captures_pending = len(idx) < len(pending)
+        idx: list[int] = []
+        groups: dict[str, list[int]] = {}  # capture id -> its entries of idx (contiguous)
+        done: list[int] = []
+        for t, (row, p) in enumerate(zip(rows, pos)):
+            c = pending.get(row)
+            if c is None or not c[1] <= p <= c[2]:
+                continue
+            groups.setdefault(c[0], []).append(len(idx))
+            idx.append(t)
+            if p == c[2]:
+                done.append(row)
+        self._cap_done = {pending[row][0] for row in done}
+        for row in done:
+            self._drop_capture(row)
+        self._captures_pending = len(done) < len(pending)
+        # sums of captures whose request is gone before its last position: dropped
+        alive = {c[0] for c in pending.values()}
+        for cid in [c for c in self._cap_acc if c not in alive]:
+            del self._cap_acc[cid], self._cap_count[cid]
         if idx:
             self._cap_index = torch.tensor(idx, device=positions.device)
-            self._cap_ids = ids
+            self._cap_groups = groups
             self._cap_layer_pos = {l: k for k, l in enumerate(self.capture_layers)}
             nl = len(self.capture_layers)
-            self._cap_step = {cid: {s: [None] * nl for s in self.capture_sites} for cid in ids}
+            for cid, g in groups.items():
+                if cid not in self._cap_acc:
+                    self._cap_acc[cid] = {s: [None] * nl for s in self.capture_sites}
+                    self._cap_count[cid] = 0
+                self._cap_count[cid] += len(g)
 
     def _finish_capture_step(self) -> None:
         """Move last step's per-layer rows into ``captures`` (``[len(layers), dim]``),
         dropping the oldest held captures beyond ``max_capture_bytes``."""
         if self._cap_index is None:
             return
-        for cid, sites in self._cap_step.items():
+        for cid in self._cap_done:
+            sites, count = self._cap_acc.pop(cid), self._cap_count.pop(cid)
             old = self.captures.pop(cid, None)
             if old is not None:
                 self._capture_bytes -= _nbytes(old)
-            cap = {s: torch.stack(rows) for s, rows in sites.items() if None not in rows}
+            cap = {s: torch.stack(rows) / count for s, rows in sites.items() if None not in rows}
             self.captures[cid] = cap
             self._capture_bytes += _nbytes(cap)
-        self._cap_index, self._cap_ids, self._cap_step = None, [], {}
+        self._cap_index, self._cap_groups, self._cap_done = None, {}, set()
         while self._capture_bytes > self.max_capture_bytes and len(self.captures) > 1:
             cid = next(iter(self.captures))
             self._capture_bytes -= _nbytes(self.captures.pop(cid))
@@ -641,6 +869,23 @@ class SteeringState(nn.Module):
         out = {cid: self.captures.pop(cid) for cid in ids if cid in self.captures}
         self._capture_bytes -= sum(_nbytes(c) for c in out.values())
         return out
+
+
+def _requests_from_tokens(req_indices, positions, n: int, num_rows: int) -> StepRequests:
+    """``StepRequests`` from the per-token row index and positions (rows in token order,
+    each row's tokens contiguous, as vLLM lays them out); the row index is the id."""
+    rows = req_indices[:n].tolist()
+    pos = positions[:n].tolist()
+    qsl = [0] * (num_rows + 1)
+    first: dict[int, int] = {}
+    for t, row in enumerate(rows):
+        first.setdefault(row, t)
+        qsl[row + 1] = t + 1
+    for row in range(num_rows):  # rows without tokens: an empty range
+        if row not in first:
+            qsl[row + 1] = max(qsl[row + 1], qsl[row])
+    ncomp = [pos[first[row]] if row in first else 0 for row in range(num_rows)]
+    return StepRequests(qsl, ncomp, list(range(num_rows)), set(range(num_rows)))
 
 
 def _nbytes(cap: dict[str, torch.Tensor]) -> int:

@@ -60,4 +60,8 @@ class SteeringWorkerExtension:
             "versions": len(state.versions),
             "captures_held": len(state.captures),
             "captures_dropped": state.num_captures_dropped,
+            "fusion": state.fusion,
+            "fusion_states": len(state._fstates),
+            "fusion_gaps": state.num_fusion_gaps,
+            "fusion_evictions": state.num_fusion_evictions,
         }

@@ -211,23 +211,46 @@ def fusion_greedy_hf(
     return out, torch.stack(lps)
 
 
-@torch.no_grad()
-def reference_vectors_hf(model, tok, prefix: str, answer: str) -> torch.Tensor:
-    """``r [L, H]`` fp32: the residual stream after each layer averaged over the positions
-    of ``answer`` in ``prefix + answer`` (the tokens past the prefix's own tokens)."""
+def reference_tokens(tok, prefix: str, answer: str) -> tuple[list[int], int]:
+    """``(token ids of prefix + answer, first answer position)``: the reference vectors
+    average the positions from there on (the tokens past the prefix's own tokens)."""
     n_prefix = len(tok(prefix).input_ids)
-    ids = tok(prefix + answer, return_tensors="pt").input_ids
-    if ids.shape[1] <= n_prefix:
+    ids = list(tok(prefix + answer).input_ids)
+    if len(ids) <= n_prefix:
         raise ValueError("the answer adds no tokens to the prefix")
+    return ids, n_prefix
+
+
+@torch.no_grad()
+def mean_residual_hf(model, ids: list[int], start: int) -> torch.Tensor:
+    """``[L, H]`` fp32: the residual stream after each layer averaged over positions
+    ``start ..`` of ``ids`` (the transformers reference of the engine's mean capture)."""
     got: dict[int, torch.Tensor] = {}
     layers = decoder_layers(model)
 
     def make(l):
         def hook(_mod, _inp, out):
-            got[l] = output_tensor(out)[0, n_prefix:].float().mean(0)
+            got[l] = output_tensor(out)[0, start:].float().mean(0)
 
         return hook
 
     with forward_hooks((layers[l], make(l)) for l in range(len(layers))):
-        model(ids, use_cache=False)
+        model(torch.tensor([ids]), use_cache=False)
     return torch.stack([got[l] for l in range(len(layers))])
+
+
+def reference_vectors_hf(model, tok, prefix: str, answer: str) -> torch.Tensor:
+    """``r [L, H]`` fp32: the residual stream after each layer averaged over the positions
+    of ``answer`` in ``prefix + answer``."""
+    return mean_residual_hf(model, *reference_tokens(tok, prefix, answer))
+
+
+def reference_vectors(llm, token_ids: Sequence[Sequence[int]], starts: Sequence[int], **kw) -> torch.Tensor:
+    """``[N, L, H]`` fp32: :func:`reference_vectors_hf` computed in the engine (an eager
+    ``roast_vllm.LLM``), every sequence a one-token capture request averaging its
+    positions ``starts[i] ..`` over every layer, batched like any other requests."""
+    from roast_vllm.engine.capture import capture_activations
+
+    L = llm.roast_dims["num_layers"]
+    got = capture_activations(llm, token_ids, list(range(L)), ("residual",), starts=starts, **kw)
+    return got["residual"].transpose(0, 1).contiguous()

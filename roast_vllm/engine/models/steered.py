@@ -37,6 +37,8 @@ def _steered_layer_class(base: type) -> type:
             state = self._roast_state
             if not torch.compiler.is_compiling():
                 state.capture_residual(self._roast_layer, hidden_states, residual)
+            # Fusion rows and the other steered rows are disjoint: the order does not matter
+            hidden_states = state.apply_fusion(self._roast_layer, hidden_states, residual)
             return state.apply(self._roast_layer, hidden_states), residual
 
         cls = type(f"Steered{base.__name__}", (base,), {"forward": forward})
@@ -86,6 +88,7 @@ def _attach_steering(self, vllm_config) -> None:
         compiled=compiled,
         allow_capture=cfg.allow_capture,
         max_capture_bytes=cfg.max_capture_mib << 20,
+        fusion=cfg.fusion,
     )
     self.roast_state = state
     inner = self.model
