@@ -322,8 +322,11 @@ def check_fusion(llm, hf_model, long_prompt: str) -> list[dict]:
 
     refs = fusion_refs(llm, hf_model)
     L = refs[0].shape[0]
-    for i, r in enumerate(refs):
-        _register(llm, f"fusion_q{i}", SteeringVector(directions=dict(enumerate(r)), method="fusion"))
+    from roast_vllm.methods.fusion import ReferenceSet
+
+    # registered as a reference set: question i's reference is the vector "tqa/q<i>"
+    names = ReferenceSet([f"q{i}" for i in range(len(refs))], torch.stack(refs)).register(llm, "tqa")
+    assert names == [f"tqa/q{i}" for i in range(len(refs))]
     a = residual_vector(llm, seed=106)
     _register(llm, "ref_add", a)
     seg = (0.1, 0.45, 0.25)
@@ -334,7 +337,7 @@ def check_fusion(llm, hf_model, long_prompt: str) -> list[dict]:
     ]
     batch = []  # (prompt, extra, kind)
     for k, (prompt, qi, scale, skip) in enumerate(fusion):
-        e = {"steer_vector": f"fusion_q{qi}", "steer_mode": "fusion"}
+        e = {"steer_vector": f"tqa/q{qi}", "steer_mode": "fusion"}
         e["steer_scale"] = list(scale) if isinstance(scale, tuple) else scale
         if skip:
             e["steer_skip_first"] = True

@@ -148,3 +148,32 @@ def test_hooks_check_their_inputs(hf_model, refs):
     with pytest.raises(ValueError, match="need L"):
         with fu.fusion_hooks(hf_model, refs[:3], [0.0] * 3):
             pass
+
+
+def test_reference_set_file_round_trip_and_bad_files(tmp_path):
+    """One safetensors file per run: exact round trip (vectors, ids, provenance), each
+    question as a Fusion vector; malformed sets and foreign files refused with the reason."""
+    v = torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(0))
+    prov = {"model": "m", "data_sha256": "ab" * 32, "seed": 0, "prompts": {"explain": "..."}}
+    refs = fu.ReferenceSet(["q0", "q1", "q7"], v, prov)
+    back = fu.ReferenceSet.load(refs.save(tmp_path / "refs.safetensors"))
+    assert back.ids == refs.ids and torch.equal(back.vectors, v) and back.provenance == prov
+    sv = back.vector("q7")
+    assert sv.method == "fusion" and sorted(sv.directions) == [0, 1, 2, 3]
+    assert torch.equal(sv.directions[2], v[2, 2]) and sv.provenance["question"] == "q7"
+    with pytest.raises(ValueError, match="2 question ids for 3"):
+        fu.ReferenceSet(["a", "b"], v)
+    with pytest.raises(ValueError, match="unique"):
+        fu.ReferenceSet(["a", "a", "b"], v)
+    with pytest.raises(ValueError, match="nan or inf"):
+        fu.ReferenceSet(["a", "b", "c"], v.clone().fill_(float("nan")))
+    with pytest.raises(ValueError, match=r"\[questions, layers, hidden\]"):
+        fu.ReferenceSet(["a"], v[0])
+    from roast_vllm import SteeringVector
+
+    other = SteeringVector(directions={0: torch.ones(8)}).save(tmp_path / "vec.safetensors")
+    with pytest.raises(ValueError, match="not a Fusion reference file"):
+        fu.ReferenceSet.load(other)
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="unreadable"):
+        fu.ReferenceSet.load(tmp_path / "junk.safetensors")

@@ -27,10 +27,13 @@ both semantics that the engine is checked against. Sums run in fp32.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -44,6 +47,7 @@ from roast_vllm.methods.hf import (
 )
 
 SEMANTICS = ("cached", "uncached")
+REFS_FORMAT = "roast_vllm.fusion_references/1"
 EXPLANATION_MARKER = "Explanation:"
 
 
@@ -254,3 +258,84 @@ def reference_vectors(llm, token_ids: Sequence[Sequence[int]], starts: Sequence[
     L = llm.roast_dims["num_layers"]
     got = capture_activations(llm, token_ids, list(range(L)), ("residual",), starts=starts, **kw)
     return got["residual"].transpose(0, 1).contiguous()
+
+
+# ------------------------------------------------------------------ reference files
+@dataclass
+class ReferenceSet:
+    """One run's reference vectors: ``vectors [Q, L, H]`` fp32, question ``ids [Q]``
+    (unique strings) and the run's provenance (model, data hash, prompts, seeds). Stored as
+    one safetensors file (a ``vectors`` tensor, the rest as JSON metadata; no pickle).
+
+    ``register(llm, name)`` makes question ``q``'s reference the vector ``"name/q"``, which a
+    Fusion request names as its ``steer_vector``."""
+
+    ids: list[str]
+    vectors: torch.Tensor
+    provenance: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        v = self.vectors
+        if not isinstance(v, torch.Tensor) or v.dim() != 3 or not v.is_floating_point():
+            raise ValueError("reference vectors must be a float tensor [questions, layers, hidden]")
+        self.vectors = v = v.detach().to("cpu", torch.float32).contiguous()
+        self.ids = [str(i) for i in self.ids]
+        if len(self.ids) != v.shape[0]:
+            raise ValueError(f"{len(self.ids)} question ids for {v.shape[0]} reference vectors")
+        if len(set(self.ids)) != len(self.ids) or any(not i or "/" in i for i in self.ids):
+            raise ValueError("question ids must be unique non-empty strings without '/'")
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError("reference vectors hold nan or inf")
+
+    def vector(self, qid: str):
+        """Question ``qid``'s reference as a ``SteeringVector`` (every layer, residual)."""
+        from roast_vllm.vector import SteeringVector
+
+        i = self.ids.index(qid)
+        return SteeringVector(
+            directions=dict(enumerate(self.vectors[i])),
+            num_layers=self.vectors.shape[1],
+            method="fusion",
+            model_id=self.provenance.get("model"),
+            provenance={"reference_set": self.provenance, "question": qid},
+        )
+
+    def register(self, llm, name: str) -> list[str]:
+        """Register every question's reference with ``llm`` as ``"name/<id>"``; returns the
+        names."""
+        import roast_vllm
+
+        if not name or "/" in name:
+            raise ValueError(f"reference set name must be non-empty without '/', got {name!r}")
+        names = []
+        for q in self.ids:
+            roast_vllm.register_vector(llm, f"{name}/{q}", self.vector(q))
+            names.append(f"{name}/{q}")
+        return names
+
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"format": REFS_FORMAT, "ids": json.dumps(self.ids), "provenance": json.dumps(self.provenance)}
+        save_file({"vectors": self.vectors}, str(path), metadata=meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ReferenceSet:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != REFS_FORMAT or "vectors" not in f.keys():
+                    raise ValueError(
+                        f"{path}: not a Fusion reference file (format {meta.get('format')!r}; "
+                        f"make one with `roast-vllm fusion references`)"
+                    )
+                vectors = f.get_tensor("vectors")
+            ids, prov = json.loads(meta["ids"]), json.loads(meta.get("provenance", "{}"))
+        except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: unreadable Fusion reference file ({e})") from None
+        return cls(ids, vectors, prov)
