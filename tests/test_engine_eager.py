@@ -216,6 +216,53 @@ def test_fusion_matches_transformers_reference(llm, hf_model):
     check_fusion(llm, hf_model, LONG_PROMPT)
 
 
+def test_fusion_references_and_search_in_the_engine(llm, hf_model):
+    """References built in the engine (explanation generated, reference text captured over
+    its answer positions) equal the transformers reference vectors of the same text; the
+    search runs each round's trials (one per prompt) as one generate call and scores each
+    by its own request's overlap and PPL (the engine's log-probs)."""
+    import math
+
+    from roast_vllm.methods import fusion as fu
+    from roast_vllm.methods import fusion_search as fs
+
+    rows = [
+        ("a", "What is the capital of Australia?", "Canberra"),
+        ("b", "Can pigs fly?", "No, pigs cannot fly"),
+    ]
+    refs = fu.build_references(llm, rows, explain_tokens=12, provenance={"test": True}, progress=False)
+    assert refs.ids == ["a", "b"] and refs.vectors.shape == (2, 30, 576) and refs.provenance["test"]
+    tok = llm.get_tokenizer()
+    for i, (qid, q, gt) in enumerate(rows):
+        want = fu.reference_vectors_hf(
+            hf_model, tok, *fu.reference_text(q, gt, refs.provenance["explanations"][qid])
+        )
+        rel = (refs.vectors[i] - want).norm(dim=-1) / want.norm(dim=-1)
+        assert float(rel.max()) <= 1e-3, (
+            f"{qid}: reference differs from transformers by {float(rel.max()):.2e}"
+        )
+    refs.register(llm, "srch")
+    items = {k: (q, gt) for k, q, gt in rows}
+    evaluate = fs.engine_evaluator(llm, items, "srch", max_tokens=8)
+    calls = []
+    real = llm.generate
+
+    def counting(prompts, params, **kw):
+        calls.append(len(prompts))
+        return real(prompts, params, **kw)
+
+    llm.generate = counting
+    try:
+        best = fs.search(list(items), evaluate, n_trials=2, mode="segmented", seed=3, progress=False)
+    finally:
+        del llm.generate
+    assert calls == [2, 2], f"each round must be one batch of every prompt's trial, got {calls}"
+    for k in items:
+        assert best[k]["trials"] == 2 and -0.3 <= best[k]["value"] <= 0.7 and math.isfinite(best[k]["value"])
+    # PPL comes from the served model's own log-probs of its tokens (inf if they were missing)
+    assert all(math.isfinite(r["ppl"]) and r["ppl"] >= 1.0 and r["text"] for r in evaluate.last)
+
+
 # ---------------------------------------------------------------- (e) bad inputs
 @pytest.mark.parametrize(
     "extra, match",

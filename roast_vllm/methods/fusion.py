@@ -260,6 +260,63 @@ def reference_vectors(llm, token_ids: Sequence[Sequence[int]], starts: Sequence[
     return got["residual"].transpose(0, 1).contiguous()
 
 
+# ------------------------------------------------------------------ in the engine
+def build_references(
+    llm,
+    items: Sequence[tuple[str, str, str]],
+    explain_tokens: int = 64,
+    provenance: dict | None = None,
+    progress: bool = True,
+) -> ReferenceSet:
+    """METHODS.md's references in the engine (an eager ``roast_vllm.LLM``): for each
+    ``(qid, question, ground_truth)`` the model explains the ground truth (greedy, all
+    questions in one batch), then the reference text ``prefix + ground truth + explanation``
+    is captured, every layer's residual stream averaged over the answer positions."""
+    from vllm import SamplingParams
+
+    tok = llm.get_tokenizer()
+    sp = SamplingParams(max_tokens=explain_tokens, temperature=0.0)
+    outs = llm.generate([explanation_prompt(q, gt) for _, q, gt in items], sp, use_tqdm=progress)
+    seqs, starts, explanations = [], [], {}
+    for (qid, q, gt), o in zip(items, outs):
+        explanations[qid] = extract_explanation(o.outputs[0].text)
+        ids, start = reference_tokens(tok, *reference_text(q, gt, explanations[qid]))
+        seqs.append(ids)
+        starts.append(start)
+    vectors = reference_vectors(llm, seqs, starts, progress=progress)
+    prov = {
+        "explain_tokens": explain_tokens,
+        "prompts": {
+            "explain": explanation_prompt("{question}", "{ground_truth}"),
+            "reference": "".join(reference_text("{question}", "{ground_truth}", "{explanation}")),
+            "generate": generation_prompt("{question}"),
+        },
+        "explanations": explanations,
+        **(provenance or {}),
+    }
+    return ReferenceSet([qid for qid, _, _ in items], vectors, prov)
+
+
+def fusion_extra(reference: str, coeffs: float | Sequence[float], skip_first: bool = False) -> dict:
+    """A Fusion request's ``extra_args``: ``reference`` a registered vector name,
+    ``coeffs`` one number (full-layer), 3 (thirds) or one per layer."""
+    e = {"steer_vector": reference, "steer_mode": "fusion"}
+    e["steer_scale"] = [float(c) for c in coeffs] if isinstance(coeffs, Sequence) else float(coeffs)
+    if skip_first:
+        e["steer_skip_first"] = True
+    return e
+
+
+def score_output(output, ground_truth: str) -> dict:
+    """Overlap, PPL (the served model's own log-probs of its tokens; needs ``logprobs=0``
+    or more) and the search objective of one vLLM output."""
+    o = output.outputs[0]
+    lps = [o.logprobs[i][t].logprob for i, t in enumerate(o.token_ids)] if o.logprobs else []
+    ov = overlap(o.text, ground_truth)
+    ppl = perplexity(lps)
+    return {"overlap": ov, "ppl": ppl, "objective": objective(ov, ppl), "text": o.text}
+
+
 # ------------------------------------------------------------------ reference files
 @dataclass
 class ReferenceSet:

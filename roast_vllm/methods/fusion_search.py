@@ -142,3 +142,42 @@ def search(
             "trials": n,
         }
     return out
+
+
+def engine_evaluator(
+    llm,
+    items: dict[str, tuple[str, str]],
+    reference_set: str,
+    max_tokens: int = 48,
+    skip_first: bool = False,
+    progress: bool = False,
+) -> Callable[[list[tuple[str, dict[str, float]]]], list[float]]:
+    """``evaluate`` for :func:`search` on a ``roast_vllm`` engine: each trial of a round is
+    one Fusion request (``items[key] = (question, ground truth)``; reference
+    ``"<reference_set>/<key>"``; its coefficients, per third or full-layer), all of them one
+    ``generate`` call (greedy, ``max_tokens``), each scored by the search objective. The
+    last round's scores are kept in ``evaluate.last``."""
+    from vllm import SamplingParams
+
+    from roast_vllm.methods.fusion import fusion_extra, generation_prompt, score_output
+
+    def evaluate(batch):
+        prompts, params = [], []
+        for key, p in batch:
+            # the engine takes the products (per third, or one), as coefficients_of forms them
+            c = (
+                [p[f"alpha_{s}"] * p[f"gamma_{s}"] for s in range(3)]
+                if "alpha_0" in p
+                else p["alpha"] * p["gamma"]
+            )
+            prompts.append(generation_prompt(items[key][0]))
+            extra = fusion_extra(f"{reference_set}/{key}", c, skip_first)
+            params.append(
+                SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=0, extra_args=extra)
+            )
+        outs = llm.generate(prompts, params, use_tqdm=progress)
+        evaluate.last = [score_output(o, items[k][1]) for o, (k, _) in zip(outs, batch)]
+        return [r["objective"] for r in evaluate.last]
+
+    evaluate.last = []
+    return evaluate
