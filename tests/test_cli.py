@@ -108,3 +108,33 @@ def test_config_json_roundtrip():
         RoastConfig.from_dict({"slots": 3})
     with pytest.raises(ValueError, match=">= 1"):
         RoastConfig(max_steering_slots=0)
+
+
+@pytest.mark.engine
+def test_fusion_references_then_search(model_dir, tmp_path):
+    """`roast-vllm fusion references` then `search` on 3 TruthfulQA questions, in-process:
+    a reference file with provenance, one searched entry per prompt; an interrupted search
+    resumes from its journal without rerunning finished trials."""
+
+    from roast_vllm import envs
+    from roast_vllm.methods.fusion import ReferenceSet
+
+    data = str(envs.data_dir() / "truthfulqa_dev.csv")
+    common = ["--data", data, "--limit", "3", "--model", model_dir, "--workers", "0", "--quiet"]
+    eng = ["--max-model-len", "1024", "--kv-cache-gib", "1", "--dtype", "float32"]
+    refs_path = tmp_path / "refs.safetensors"
+    main(["fusion", "references", *common, "--explain-tokens", "12", "--out", str(refs_path), *eng])
+    refs = ReferenceSet.load(refs_path)
+    assert len(refs.ids) == 3 and refs.vectors.shape == (3, 30, 576)
+    assert refs.provenance["data_sha256"] and len(refs.provenance["explanations"]) == 3
+    out, journal = tmp_path / "search.json", tmp_path / "search.journal"
+    search = ["fusion", "search", *common, "--references", str(refs_path), "--trials", "2"]
+    search += ["--max-tokens", "6", "--out", str(out), "--storage", str(journal), *eng]
+    main(search)
+    best = json.loads(out.read_text())["best"]
+    assert sorted(best) == sorted(refs.ids) and all(b["trials"] == 2 for b in best.values())
+    size = journal.stat().st_size
+    main([*search[: search.index("--trials") + 1], "3", *search[search.index("--trials") + 2 :]])
+    again = json.loads(out.read_text())["best"]
+    assert all(b["trials"] == 3 for b in again.values()), "resumed: 2 kept + 1 new trial each"
+    assert journal.stat().st_size > size

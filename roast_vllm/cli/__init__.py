@@ -6,6 +6,7 @@ roast-vllm generate "Tell me about cats" --vector v.safetensors --scale 4 --comp
 roast-vllm serve --vector happy=v.safetensors --port 8000   # + any `vllm serve` option      cli/serve.py
 roast-vllm generate "Hi" --dtype float32 -tp 2           # + any vLLM engine argument
 roast-vllm rollout | estimate | eval ...      # ROAST end to end                              cli/roast.py
+roast-vllm fusion references | search ...     # Fusion Steering                               cli/fusion.py
 python -m roast_vllm.cli.demo                 # the demo (`make demo`)                        cli/demo.py
 
 Command modules import ``cli.common`` and the library, never each other or this module.
@@ -19,7 +20,7 @@ import sys
 from roast_vllm.engine import args as engine_args
 
 #: command modules, in the order their commands appear in ``--help``
-GROUPS = ("model", "vectors", "generate", "serve", "roast")
+GROUPS = ("model", "vectors", "generate", "serve", "roast", "fusion")
 
 
 def build_parser() -> argparse.ArgumentParser:

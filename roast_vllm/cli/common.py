@@ -81,10 +81,15 @@ def engine_kwargs_for(args, **ours: Any) -> dict[str, Any]:
     return kw
 
 
-def add_data(s) -> None:
+def add_data(s, task: str | None = None) -> None:
+    """``--task`` (unless the command has one ``task``), ``--data``, ``--limit`` and the
+    disjoint split's options."""
     from roast_vllm.tasks import TASKS
 
-    s.add_argument("--task", required=True, choices=TASKS)
+    if task is None:
+        s.add_argument("--task", required=True, choices=TASKS)
+    else:
+        s.set_defaults(task=task)
     s.add_argument("--data", required=True, help="data file in the format of ../shared/data/")
     s.add_argument("--limit", type=int, default=None, help="read only the first N questions")
     s.add_argument(

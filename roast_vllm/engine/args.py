@@ -364,11 +364,13 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
     takes vLLM's options (``parser`` may be that command or have it as a subcommand)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     leaf, prefix = parser, []
-    subs = next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
-    if subs is not None:
+    while True:  # down nested subcommands (``roast-vllm fusion search``)
+        subs = next((a.choices for a in leaf._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if subs is None:
+            break
         if not argv or argv[0] not in subs:
-            return parser.parse_args(argv)
-        leaf, prefix, argv = subs[argv[0]], argv[:1], argv[1:]
+            return parser.parse_args([*prefix, *argv])
+        leaf, prefix, argv = subs[argv[0]], [*prefix, argv[0]], argv[1:]
     mode = getattr(leaf, ENGINE_ATTR, None)
     if mode is None:
         return parser.parse_args([*prefix, *argv])

@@ -297,6 +297,13 @@ def build_references(
     return ReferenceSet([qid for qid, _, _ in items], vectors, prov)
 
 
+def references_job(w, items: list[tuple[str, str, str]], explain_tokens: int) -> dict:
+    """An ``EngineWorker`` job (``"roast_vllm.methods.fusion:references_job"``): one shard's
+    references, as plain data."""
+    refs = build_references(w.llm, items, explain_tokens, progress=False)
+    return {"ids": refs.ids, "vectors": refs.vectors, "explanations": refs.provenance["explanations"]}
+
+
 def fusion_extra(reference: str, coeffs: float | Sequence[float], skip_first: bool = False) -> dict:
     """A Fusion request's ``extra_args``: ``reference`` a registered vector name,
     ``coeffs`` one number (full-layer), 3 (thirds) or one per layer."""

@@ -181,3 +181,21 @@ def engine_evaluator(
 
     evaluate.last = []
     return evaluate
+
+
+def search_job(
+    w,
+    items: dict[str, tuple[str, str]],
+    reference_set: str,
+    n_trials: int,
+    mode: str,
+    storage: str | None,
+    seed: int,
+    max_tokens: int,
+    skip_first: bool = False,
+) -> dict[str, dict]:
+    """An ``EngineWorker`` job (``"roast_vllm.methods.fusion_search:search_job"``): the
+    search of one shard of prompts on this worker's engine (studies are per prompt, so
+    shards are independent; they share one journal file)."""
+    evaluate = engine_evaluator(w.llm, items, reference_set, max_tokens, skip_first)
+    return search(list(items), evaluate, n_trials, mode, storage, seed, progress=False)
