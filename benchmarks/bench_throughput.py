@@ -5,7 +5,9 @@ goes first) with the same vLLM arguments and prompts; each makes one short warm-
 steering condition, then times each of its conditions once. Reported: per condition the median of the paired
 ratios ``tokens/s / stock tokens/s`` of each repeat, and their min-max. Conditions: nothing
 steered; all layers steered with K = 1, 64, 256 distinct per-request vectors, at the
-residual and the ``mlp_act`` site. Writes CSV, JSON (every run) and a PNG plot.
+residual and the ``mlp_act`` site; a mixed batch (a third each: Fusion Steering requests
+with K references, residual requests with K vectors, plain; ``--mixed K``, 0 to drop it).
+Writes CSV, JSON (every run) and a PNG plot.
 
     python benchmarks/bench_throughput.py                 # compile mode (vLLM default)
     python benchmarks/bench_throughput.py --eager         # -> throughput_eager.*
@@ -33,6 +35,13 @@ def main(argv=None) -> None:
     p.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=[1, 64, 256])
     p.add_argument("--sites", type=lambda s: s.split(","), default=["residual", "mlp_act"])
     p.add_argument("--scale", type=float, default=4.0)
+    p.add_argument(
+        "--mixed",
+        type=int,
+        default=64,
+        metavar="K",
+        help="add a mixed condition: a third each Fusion (K references), residual (K vectors), plain (0: off)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="engine pairs (>= 3)")
     p.add_argument("--eager", action="store_true", help="enforce_eager (default: vLLM's compile mode)")
     p.add_argument(
@@ -97,6 +106,7 @@ def main(argv=None) -> None:
         sites=args.sites,
         scale=args.scale,
         repeats=args.repeats,
+        mixed=args.mixed,
     )
     if args.interleaved:
         rows, runs = measure_interleaved(cfg, args.interleaved)

@@ -146,3 +146,18 @@ def test_worker_cpu_seconds_of_real_processes():
     assert cpu_seconds([]) is None and worker_procs(object()) == []
     rows = summarize([{"tokens_per_s": {STOCK: 1.0, NOTHING: 1.0}}], [STOCK, NOTHING])
     assert "cpu_ratio" not in rows[1]  # runs without CPU figures: the column is left out
+
+
+def test_mixed_condition_requests():
+    """The mixed condition: a third each Fusion (references cycled), residual (vectors
+    cycled) and plain requests; the steering engine needs a slot for each configuration."""
+    from roast_vllm.engine import throughput as tp
+
+    cfg = BenchConfig(model="m", engine_kwargs={}, num_prompts=12, ks=[2], sites=["mlp_act"], mixed=2)
+    assert cfg.conditions()[-1] == tp.mixed_name(2)
+    names = {"fusion": ["f0", "f1"], "residual": ["r0", "r1"], "mlp_act": ["m0", "m1"]}
+    ps = tp._steer_params(cfg, tp.mixed_name(2), names, 4)
+    extras = [p.extra_args for p in ps]
+    assert [e and e["steer_vector"] for e in extras] == ["f0", "r0", None, "f1", "r1", None] * 2
+    assert all(e["steer_mode"] == "fusion" and e["steer_scale"] == [0.1, 0.3, 0.2] for e in extras[::3])
+    assert BenchConfig(model="m", engine_kwargs={}).conditions()[-1] != tp.mixed_name(0)

@@ -57,6 +57,10 @@ def condition_name(k: int, site: str) -> str:
     return f"K={k} {site}, all layers"
 
 
+def mixed_name(k: int) -> str:
+    return f"mixed: Fusion + residual (K={k} each) + plain"
+
+
 @dataclass
 class BenchConfig:
     """One paired stock-vs-steering throughput benchmark."""
@@ -77,13 +81,19 @@ class BenchConfig:
     repeats: int = 3
     #: generated tokens per request in the warm-up runs (every condition once)
     warmup_tokens: int = 4
+    #: a mixed condition (0: none): request ``i`` is a Fusion request (``i % 3 == 0``; one
+    #: of ``mixed`` references, coefficients per third), an additive residual one (``1``;
+    #: one of ``mixed`` vectors) or plain (``2``)
+    mixed: int = 0
+    #: the Fusion requests' coefficients (early / middle / late thirds)
+    fusion_coeffs: tuple[float, float, float] = (0.1, 0.3, 0.2)
 
     def steered(self) -> dict[str, tuple[int, str]]:
         """``{condition name: (K, site)}`` of the steered conditions."""
         return {condition_name(k, s): (k, s) for s in self.sites for k in self.ks}
 
     def conditions(self) -> list[str]:
-        return [NOTHING, *self.steered()]
+        return [NOTHING, *self.steered(), *([mixed_name(self.mixed)] if self.mixed else [])]
 
 
 def _params(max_tokens: int, extra: dict | None):
@@ -154,6 +164,18 @@ def _steer_params(cfg: BenchConfig, cond: str, names: dict[str, list[str]], max_
     n = cfg.num_prompts
     if cond == NOTHING:
         return [_params(max_tokens, None)] * n
+    if cfg.mixed and cond == mixed_name(cfg.mixed):
+        k, out = cfg.mixed, []
+        for i in range(n):
+            if i % 3 == 0:
+                e = {"steer_vector": names["fusion"][i // 3 % k], "steer_mode": "fusion"}
+                e["steer_scale"] = list(cfg.fusion_coeffs)
+            elif i % 3 == 1:
+                e = {"steer_vector": names["residual"][i // 3 % k], "steer_scale": cfg.scale}
+            else:
+                e = None
+            out.append(_params(max_tokens, e))
+        return out
     k, site = cfg.steered()[cond]
     return [
         _params(max_tokens, {"steer_vector": names[site][i % k], "steer_scale": cfg.scale}) for i in range(n)
@@ -169,20 +191,28 @@ def start_steering(cfg: BenchConfig):
     kmax = max(cfg.ks)
     llm = LLM(
         cfg.model,
-        max_steering_slots=kmax,
+        max_steering_slots=max(kmax, 2 * cfg.mixed),
         mlp_act_site=True,  # the engine users get by default: both sites' ops in every layer
         allow_capture=False,
         **cfg.engine_kwargs,
     )
     L = llm.roast_dims["num_layers"]
     names: dict[str, list[str]] = {}
-    for site in cfg.sites:
+    sites = list(cfg.sites) + (["residual"] if cfg.mixed and "residual" not in cfg.sites else [])
+    for site in sites:
         names[site] = []
-        for i in range(kmax):
+        for i in range(max(kmax, cfg.mixed)):
             name = f"bench_{site}_{i}"
             v = SteeringVector.random(L, site_dim(llm.roast_dims, site), seed=1000 + i, site=site)
             register_vector(llm, name, v)
             names[site].append(name)
+    # the mixed condition's Fusion references: random residual-sized vectors on every layer
+    # (what a request costs does not depend on the reference's values)
+    names["fusion"] = []
+    for i in range(cfg.mixed):
+        name = f"bench_fusion_{i}"
+        register_vector(llm, name, SteeringVector.random(L, llm.roast_dims["hidden_size"], seed=5000 + i))
+        names["fusion"].append(name)
     return llm, names
 
 
