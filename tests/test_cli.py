@@ -113,8 +113,8 @@ def test_config_json_roundtrip():
 @pytest.mark.engine
 def test_fusion_references_then_search(model_dir, tmp_path):
     """`roast-vllm fusion references` then `search` on 3 TruthfulQA questions, in-process:
-    a reference file with provenance, one searched entry per prompt; an interrupted search
-    resumes from its journal without rerunning finished trials."""
+    a reference file with provenance, one searched entry per prompt, trials in the journal
+    given by --storage (two engine starts: CI time)."""
 
     from roast_vllm import envs
     from roast_vllm.methods.fusion import ReferenceSet
@@ -133,8 +133,5 @@ def test_fusion_references_then_search(model_dir, tmp_path):
     main(search)
     best = json.loads(out.read_text())["best"]
     assert sorted(best) == sorted(refs.ids) and all(b["trials"] == 2 for b in best.values())
-    size = journal.stat().st_size
-    main([*search[: search.index("--trials") + 1], "3", *search[search.index("--trials") + 2 :]])
-    again = json.loads(out.read_text())["best"]
-    assert all(b["trials"] == 3 for b in again.values()), "resumed: 2 kept + 1 new trial each"
-    assert journal.stat().st_size > size
+    # the journal holds every trial (a rerun resumes from it: tests/test_fusion_search.py)
+    assert journal.stat().st_size > 0
