@@ -155,12 +155,16 @@ def test_reference_set_file_round_trip_and_bad_files(tmp_path):
     question as a Fusion vector; malformed sets and foreign files refused with the reason."""
     v = torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(0))
     prov = {"model": "m", "data_sha256": "ab" * 32, "seed": 0, "prompts": {"explain": "..."}}
+    prov["explanations"] = {"q0": "e0", "q1": "e1", "q7": "e7"}
     refs = fu.ReferenceSet(["q0", "q1", "q7"], v, prov)
     back = fu.ReferenceSet.load(refs.save(tmp_path / "refs.safetensors"))
     assert back.ids == refs.ids and torch.equal(back.vectors, v) and back.provenance == prov
     sv = back.vector("q7")
     assert sv.method == "fusion" and sorted(sv.directions) == [0, 1, 2, 3]
     assert torch.equal(sv.directions[2], v[2, 2]) and sv.provenance["question"] == "q7"
+    # each question's vector carries its own explanation, not every question's
+    assert sv.provenance["explanation"] == "e7" and "explanations" not in sv.provenance["reference_set"]
+    assert sv.provenance["reference_set"]["data_sha256"] == prov["data_sha256"]
     with pytest.raises(ValueError, match="2 question ids for 3"):
         fu.ReferenceSet(["a", "b"], v)
     with pytest.raises(ValueError, match="unique"):

@@ -102,6 +102,23 @@ def add_data(s, task: str | None = None) -> None:
     s.add_argument("--split-seed", type=int, default=0)
 
 
+def data_provenance(args) -> dict:
+    """The data a command read, for its output's provenance: the file, its sha256 and the
+    split of :func:`add_data`'s options."""
+    from roast_vllm.tasks import data_hash
+
+    return {
+        "data": str(args.data),
+        "data_sha256": data_hash(args.data),
+        "split": {
+            "part": args.split,
+            "fraction": args.split_fraction,
+            "seed": args.split_seed,
+            "limit": args.limit,
+        },
+    }
+
+
 def add_engine(s) -> None:
     s.add_argument("--model", default=None, help="local HF model folder (default: embedded SmolLM2)")
     s.add_argument(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from roast_vllm.cli.common import add_data, add_engine, engine_options
+from roast_vllm.cli.common import add_data, add_engine, data_provenance, engine_options
 
 TASK = "truthfulqa_mc"
 
@@ -40,7 +40,6 @@ def cmd_references(args) -> None:
 
     from roast_vllm.methods.fusion import ReferenceSet
     from roast_vllm.runtime.pool import WorkerPool
-    from roast_vllm.tasks import data_hash
 
     qs = _questions(args)
     items = [(q.qid, q.question, q.best_answer) for q in qs]
@@ -61,14 +60,7 @@ def cmd_references(args) -> None:
     ids = [qid for qid, _, _ in items]
     prov = {
         "model": args.model or "SmolLM2-135M-Instruct (embedded)",
-        "data": str(args.data),
-        "data_sha256": data_hash(args.data),
-        "split": {
-            "part": args.split,
-            "fraction": args.split_fraction,
-            "seed": args.split_seed,
-            "limit": args.limit,
-        },
+        **data_provenance(args),
         "explain_tokens": args.explain_tokens,
         "decoding": "greedy",
         "explanations": {qid: got[qid][1] for qid in ids},

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from roast_vllm.cli.common import add_data, add_engine, engine_options, floats, layers_arg
+from roast_vllm.cli.common import add_data, add_engine, data_provenance, engine_options, floats, layers_arg
 
 
 def cmd_rollout(args) -> None:
@@ -133,7 +133,7 @@ def cmd_estimate(args) -> None:
 
 def cmd_eval(args) -> None:
     from roast_vllm.runtime.pool import WorkerPool
-    from roast_vllm.tasks import data_hash, select
+    from roast_vllm.tasks import select
     from roast_vllm.tasks.evaluate import evaluate
     from roast_vllm.vector import SteeringVector
 
@@ -170,14 +170,7 @@ def cmd_eval(args) -> None:
     head = {k: v for k, v in results[0].items() if k != "per_question"}
     doc = {
         "task": args.task,
-        "data": str(args.data),
-        "data_sha256": data_hash(args.data),
-        "split": {
-            "part": args.split,
-            "fraction": args.split_fraction,
-            "seed": args.split_seed,
-            "limit": args.limit,
-        },
+        **data_provenance(args),
         "vector": str(args.vector) if args.vector else None,
         "vector_method": vec.method if vec is not None else None,
         "vector_site": vec.site if vec is not None else None,

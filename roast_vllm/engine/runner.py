@@ -106,7 +106,7 @@ class _StepHook:
         batch = runner.input_batch
         n = int(runner.query_start_loc.np[batch.num_reqs])
         requests = None
-        if self.state.num_fusion_rows or self.state._fstates:
+        if self.state.fusion_active:
             # host-side arrays only (no device read): Fusion requests' offsets, computed
             # counts and ids (a running mean belongs to a request, not to a batch row)
             requests = StepRequests(

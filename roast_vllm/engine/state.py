@@ -154,8 +154,8 @@ class _Pending:
 
     spec: SteerSpec | None
     prompt_len: int | None  # None: not given (prompt embeddings): read from the runner
-    capture: str | None
-    capture_from: int | None = None  # mean over prompt positions >= this (None: last token)
+    #: (capture id, first prompt position averaged; None: the last token only)
+    capture: tuple[str, int | None] | None
 
 
 class SlotsExhausted(RuntimeError):
@@ -298,10 +298,10 @@ class SteeringState(nn.Module):
         self.capture_sites: tuple[str, ...] = ("residual", "mlp_act") if mlp_size else ("residual",)
         self._cap_index: torch.Tensor | None = None  # token indices of this step's captures
         self._cap_groups: dict[str, list[int]] = {}  # capture id -> its rows of _cap_index
-        self._cap_done: set[str] = set()  # captures whose last position is in this step
+        #: captures whose last position is in this step -> positions they average
+        self._cap_done: dict[str, int] = {}
         # per capture id: per site, per capture layer, the sum over the positions so far
         self._cap_acc: dict[str, dict[str, list[torch.Tensor | None]]] = {}
-        self._cap_count: dict[str, int] = {}
         self._cap_layer_pos: dict[int, int] = {}
         self.captures: dict[str, dict[str, torch.Tensor]] = {}
         self._capture_bytes = 0
@@ -470,15 +470,9 @@ class SteeringState(nn.Module):
             cap = extra.get(CAPTURE_KEY) if isinstance(extra, dict) else None
             cap_from = extra.get(CAPTURE_FROM_KEY) if isinstance(extra, dict) else None
             n = len(prompt_ids) if prompt_ids is not None else None
-            cap = cap if isinstance(cap, str) and cap else None
-            if (
-                cap is not None
-                and isinstance(cap_from, int)
-                and not isinstance(cap_from, bool)
-                and cap_from >= 0
-            ):
-                cap = (cap, cap_from)  # checked at submission; anything else: last token
-            entries.append((row, spec, n, cap))
+            if not (isinstance(cap_from, int) and not isinstance(cap_from, bool) and cap_from >= 0):
+                cap_from = None  # checked at submission; anything else: the last token
+            entries.append((row, spec, n, (cap, cap_from) if isinstance(cap, str) and cap else None))
         self._apply(removed, entries, [(a, b, kind == MoveDirectionality.SWAP) for a, b, kind in moved])
 
     def _apply(self, removed, added, moved) -> None:
@@ -489,8 +483,7 @@ class SteeringState(nn.Module):
             if spec is None and cap is None:
                 occ.pop(row, None)
             else:
-                cid, start = cap if isinstance(cap, tuple) else (cap, None)
-                occ[row] = _Pending(spec, n, cid, start)
+                occ[row] = _Pending(spec, n, cap)
         for src, dst, swap in moved:
             a, b = occ.pop(src, None), occ.pop(dst, None)
             if a is not None:
@@ -515,12 +508,12 @@ class SteeringState(nn.Module):
                 n = self.prompt_len_of_row(row) if self.prompt_len_of_row is not None else 0
             r = _Row()
             if e.capture is not None:
+                cid, start = e.capture
                 if self.allow_capture:
                     last = max(n - 1, 0)
-                    first = last if e.capture_from is None else min(e.capture_from, last)
-                    r.capture = (e.capture, first, last)
+                    r.capture = (cid, last if start is None else min(start, last), last)
                 else:
-                    logger.error("roast-vllm: capture %r refused: capture is off on this engine", e.capture)
+                    logger.error("roast-vllm: capture %r refused: capture is off on this engine", cid)
             if e.spec is not None:
                 try:
                     r.slot = self.acquire(e.spec)
@@ -651,7 +644,7 @@ class SteeringState(nn.Module):
         Per request: its tokens ``[start, start + n)`` this step begin at position ``p0``;
         with ``lo`` = 1 under ``skip_first`` (position 0 neither counted nor injected) and
         else 0, the positions counted before this step are ``count0 = p0 - lo``."""
-        if not self._fstates and not self._fusion_rows:
+        if not self.fusion_active:
             if self._fusion_dirty:
                 self.fusion_meta_cpu[1].zero_()
                 self.fusion_meta[1].zero_()
@@ -717,6 +710,12 @@ class SteeringState(nn.Module):
         fs = self._fstates[rid] = _FState(self._fstate_free.pop())
         self.fusion_sum[:, fs.index].zero_()
         return fs
+
+    @property
+    def fusion_active(self) -> bool:
+        """Some Fusion request is in the batch or holds a running state (the runner hook
+        then passes ``StepRequests`` to ``prepare_step``)."""
+        return bool(self._fusion_rows or self._fstates)
 
     def apply_fusion(self, layer: int, h: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         """Fusion Steering at ``layer`` for this step's Fusion tokens of ``h [n, H]`` (the
@@ -820,39 +819,37 @@ class SteeringState(nn.Module):
             idx.append(t)
             if p == c[2]:
                 done.append(row)
-        self._cap_done = {pending[row][0] for row in done}
+        self._cap_done = {pending[row][0]: pending[row][2] - pending[row][1] + 1 for row in done}
         for row in done:
             self._drop_capture(row)
         self._captures_pending = len(done) < len(pending)
         # sums of captures whose request is gone before its last position: dropped
         alive = {c[0] for c in pending.values()}
         for cid in [c for c in self._cap_acc if c not in alive]:
-            del self._cap_acc[cid], self._cap_count[cid]
+            del self._cap_acc[cid]
         if idx:
             self._cap_index = torch.tensor(idx, device=positions.device)
             self._cap_groups = groups
             self._cap_layer_pos = {l: k for k, l in enumerate(self.capture_layers)}
             nl = len(self.capture_layers)
-            for cid, g in groups.items():
+            for cid in groups:
                 if cid not in self._cap_acc:
                     self._cap_acc[cid] = {s: [None] * nl for s in self.capture_sites}
-                    self._cap_count[cid] = 0
-                self._cap_count[cid] += len(g)
 
     def _finish_capture_step(self) -> None:
         """Move last step's per-layer rows into ``captures`` (``[len(layers), dim]``),
         dropping the oldest held captures beyond ``max_capture_bytes``."""
         if self._cap_index is None:
             return
-        for cid in self._cap_done:
-            sites, count = self._cap_acc.pop(cid), self._cap_count.pop(cid)
+        for cid, count in self._cap_done.items():
+            sites = self._cap_acc.pop(cid)
             old = self.captures.pop(cid, None)
             if old is not None:
                 self._capture_bytes -= _nbytes(old)
             cap = {s: torch.stack(rows) / count for s, rows in sites.items() if None not in rows}
             self.captures[cid] = cap
             self._capture_bytes += _nbytes(cap)
-        self._cap_index, self._cap_groups, self._cap_done = None, {}, set()
+        self._cap_index, self._cap_groups, self._cap_done = None, {}, {}
         while self._capture_bytes > self.max_capture_bytes and len(self.captures) > 1:
             cid = next(iter(self.captures))
             self._capture_bytes -= _nbytes(self.captures.pop(cid))

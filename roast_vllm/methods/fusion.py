@@ -361,7 +361,13 @@ class ReferenceSet:
             num_layers=self.vectors.shape[1],
             method="fusion",
             model_id=self.provenance.get("model"),
-            provenance={"reference_set": self.provenance, "question": qid},
+            # the set's provenance without the other questions' explanations (a set of Q
+            # questions would otherwise register Q vectors carrying all Q explanations)
+            provenance={
+                "reference_set": {k: v for k, v in self.provenance.items() if k != "explanations"},
+                "question": qid,
+                "explanation": self.provenance.get("explanations", {}).get(qid),
+            },
         )
 
     def register(self, llm, name: str) -> list[str]:

@@ -22,7 +22,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from roast_vllm.methods.fusion import coefficients
+from roast_vllm.engine.spec import segment_of
 
 MODES = ("full", "segmented")
 LOW, HIGH = 0.01, 1.0
@@ -36,13 +36,20 @@ def _suggest(trial, mode: str) -> dict[str, float]:
     }
 
 
+def products_of(params: dict[str, float]) -> float | list[float]:
+    """``alpha * gamma`` of a trial's parameters: one number (``full``) or one per third
+    (``segmented``), what a Fusion request's ``steer_scale`` takes."""
+    if "alpha" in params:
+        return params["alpha"] * params["gamma"]
+    return [params[f"alpha_{s}"] * params[f"gamma_{s}"] for s in range(3)]
+
+
 def coefficients_of(params: dict[str, float], num_layers: int) -> list[float]:
     """``c_l`` per layer from a trial's parameters (either mode)."""
-    if "alpha" in params:
-        return coefficients(params["alpha"], params["gamma"], num_layers)
-    return coefficients(
-        [params[f"alpha_{s}"] for s in range(3)], [params[f"gamma_{s}"] for s in range(3)], num_layers
-    )
+    c = products_of(params)
+    if isinstance(c, float):
+        return [c] * num_layers
+    return [c[segment_of(l, num_layers)] for l in range(num_layers)]
 
 
 def _seed(seed: int, key: str) -> int:
@@ -164,14 +171,8 @@ def engine_evaluator(
     def evaluate(batch):
         prompts, params = [], []
         for key, p in batch:
-            # the engine takes the products (per third, or one), as coefficients_of forms them
-            c = (
-                [p[f"alpha_{s}"] * p[f"gamma_{s}"] for s in range(3)]
-                if "alpha_0" in p
-                else p["alpha"] * p["gamma"]
-            )
             prompts.append(generation_prompt(items[key][0]))
-            extra = fusion_extra(f"{reference_set}/{key}", c, skip_first)
+            extra = fusion_extra(f"{reference_set}/{key}", products_of(p), skip_first)
             params.append(
                 SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=0, extra_args=extra)
             )

@@ -55,3 +55,48 @@ def aten_ops():
             return func(*args, **(kwargs or {}))
 
     return AtenOps()
+
+
+#: Prelude of a script that compiles Triton kernels for sm_90 (H100/H200) with the ptxas in
+#: the Triton wheel: ``usage(fn, sig, consts)`` -> ``"REG:n LOCAL:m"`` of the compiled kernel.
+SM90_PRELUDE = """
+import os, subprocess, tempfile
+os.environ["TRITON_INTERPRET"] = "0"
+import importlib
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+ptxas_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def usage(fn, sig, consts):
+    sig = {**sig, **{k: "constexpr" for k in consts}}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 4})
+    path = tempfile.mktemp(suffix=".cubin")
+    with open(path, "wb") as f:
+        f.write(k.asm["cubin"])
+    use = subprocess.run([os.path.join(ptxas_dir, "cuobjdump"), "--dump-resource-usage", path],
+                         capture_output=True, text=True, check=True).stdout
+    line = next(l for l in use.splitlines() if "REG:" in l).split()
+    return f"{line[0]} {line[3]}"
+"""
+
+
+def assert_sm90_without_spills(script: str, n: int) -> list[str]:
+    """Run ``SM90_PRELUDE + script`` (which prints one line per compiled kernel, ending in
+    ``usage(...)``) in a fresh Python; ``n`` lines, none using local memory (register
+    spills would turn the kernel's streams into local-memory traffic). Skips where the
+    Triton wheel ships no NVIDIA toolchain."""
+    import triton
+
+    if not os.path.exists(
+        os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    ):
+        pytest.skip("this Triton wheel ships no NVIDIA toolchain (ptxas, cuobjdump)")
+    lines = run_isolated(SM90_PRELUDE + script).splitlines()
+    assert len(lines) == n, lines
+    for line in lines:
+        assert line.endswith("LOCAL:0"), line
+    return lines

@@ -379,13 +379,6 @@ def test_d_offsets_past_int32():
 
 
 _COMPILE_SM90 = """
-import os, subprocess, tempfile
-os.environ["TRITON_INTERPRET"] = "0"
-import importlib
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
 mod = importlib.import_module("roast_vllm.kernels.grouped_css")
 whole, item_sum, combine, css_sum, rows_sum = mod._kernels()
 P, I, F = "*fp32", "*i32", "fp32"
@@ -402,18 +395,8 @@ cases.append((combine, dict(P=P, WS=P, STATS=P, M_ITEM0=I, M_NITEMS=I, M_START=I
 cases.append((css_sum, dict(P=P, STATS=P, M_ITEM0=I, OUT=P, H="i32", n_items="i32", n_multi="i32",
               groups_per_split="i32", row0="i32", n_rows="i32"), dict(MODE=2, BLOCK_G=32, BLOCK_H=128)))
 cases.append((rows_sum, dict(Q=P, OUT=P, H="i32", n_rows="i32", div=F), dict(BLOCK_S=32, BLOCK_H=128)))
-ptxas_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 for fn, sig, consts in cases:
-    sig.update({k: "constexpr" for k in consts})
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": 4})
-    path = tempfile.mktemp(suffix=".cubin")
-    with open(path, "wb") as f:
-        f.write(k.asm["cubin"])
-    use = subprocess.run([os.path.join(ptxas_dir, "cuobjdump"), "--dump-resource-usage", path],
-                         capture_output=True, text=True, check=True).stdout
-    line = next(l for l in use.splitlines() if "REG:" in l).split()
-    print(fn.__name__, consts, line[0], line[3])
+    print(fn.__name__, consts, usage(fn, sig, consts))
 """
 
 
@@ -421,17 +404,6 @@ def test_kernels_compile_for_sm90_without_spills():
     """The interpreter does not compile: here every kernel is compiled for an H100/H200
     (sm_90) with Triton's own ptxas, at the GPU block sizes of the benchmark shapes, and
     must use no local memory (register spills would turn the stream into local traffic)."""
-    import os
+    from conftest import assert_sm90_without_spills
 
-    import triton
-
-    if not os.path.exists(
-        os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    ):
-        pytest.skip("this Triton wheel ships no NVIDIA toolchain (ptxas, cuobjdump)")
-    from conftest import run_isolated
-
-    lines = run_isolated(_COMPILE_SM90).splitlines()
-    assert len(lines) == 11, lines
-    for line in lines:
-        assert line.endswith("LOCAL:0"), line
+    assert_sm90_without_spills(_COMPILE_SM90, 11)
