@@ -28,8 +28,8 @@ ENV_VARS: dict[str, tuple[str | None, str]] = {
     "ROAST_VLLM_CONFIG": (
         None,
         "JSON of the server's roast config (same as --additional-config's 'roast' entry); lets "
-        "the API-server process validate vector names and layers at submission. "
-        "`roast-vllm serve` sets it.",
+        "the API-server process validate vector names and layers at submission. The plugin "
+        "sets it from --additional-config's 'roast' entry when vLLM builds its config.",
     ),
 }
 

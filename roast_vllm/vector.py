@@ -278,6 +278,103 @@ class SteeringVector:
         except TypeError as e:
             raise SteeringVectorError(f"{source}: bad metadata ({e})") from e
 
+    # ------------------------------------------------------- llama.cpp / repeng GGUF
+    def save_gguf(self, path: str | Path, model_hint: str = "llama", drop_layer0: bool = False) -> Path:
+        """Write a llama.cpp control vector (also repeng's ``export_gguf`` format): GGUF with
+        architecture ``controlvector``, ``controlvector.model_hint`` (repeng requires it),
+        ``controlvector.layer_count`` (the number of directions, as repeng writes it) and
+        one F32 tensor ``direction.<l>`` per layer. Numbering is the same on all three
+        sides: llama.cpp adds ``direction.l`` to the output of block ``l`` (0-based,
+        ``build_cvec(cur, il)`` after the layer), as repeng and this project do. llama.cpp
+        rejects a file with ``direction.0`` (it cannot steer block 0): such a vector
+        raises unless ``drop_layer0``. Residual-stream vectors only. This project's own
+        metadata rides along as ``roast_vllm.metadata`` (ignored by llama.cpp), so a round
+        trip through :meth:`load_gguf` is exact."""
+        import gguf
+
+        if self.site != "residual":
+            raise SteeringVectorError(
+                f"llama.cpp control vectors steer the residual stream; this is a {self.site} vector"
+            )
+        dirs = dict(self.directions)
+        if 0 in dirs:
+            if not drop_layer0:
+                raise SteeringVectorError(
+                    "the vector has a direction at layer 0, which llama.cpp cannot apply (it "
+                    "rejects a file with direction.0); pass drop_layer0=True (--drop-layer0) to "
+                    "leave it out"
+                )
+            del dirs[0]
+        if not dirs:
+            raise SteeringVectorError("nothing to write: the vector's only layer is 0")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arch = "controlvector"
+        w = gguf.GGUFWriter(str(path), arch)
+        w.add_string(f"{arch}.model_hint", model_hint)
+        w.add_uint32(f"{arch}.layer_count", len(dirs))
+        meta = self._meta()
+        if len(dirs) != len(self.directions):
+            meta["provenance"] = {**self.provenance, "dropped_layers": [0]}
+        w.add_string(f"{_META_KEY}.metadata", json.dumps(meta))
+        for l, t in dirs.items():
+            w.add_tensor(f"direction.{l}", t.numpy())
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return path
+
+    @classmethod
+    def load_gguf(cls, path: str | Path) -> SteeringVector:
+        """Read a llama.cpp / repeng control vector (``direction.<l>`` F32 tensors, see
+        :meth:`save_gguf`); metadata this project wrote is restored, a foreign file's
+        ``model_hint`` becomes ``model_id``."""
+        import gguf
+
+        path = Path(path)
+        if not path.is_file():
+            raise SteeringVectorError(f"vector file {str(path)!r} does not exist")
+        try:
+            r = gguf.GGUFReader(str(path))
+        except Exception as e:  # the reader raises a variety of errors on a bad file
+            raise SteeringVectorError(f"{path}: not a GGUF file ({e})") from e
+
+        def text(key: str) -> str | None:
+            f = r.get_field(key)
+            return None if f is None or not len(f.parts) else bytes(f.parts[-1]).decode("utf-8", "replace")
+
+        arch = text("general.architecture")
+        if arch != "controlvector":
+            raise SteeringVectorError(
+                f"{path}: GGUF architecture is {arch!r}, not 'controlvector': not a control vector"
+            )
+        directions: dict[int, torch.Tensor] = {}
+        for t in r.tensors:
+            name = t.name
+            if not name.startswith("direction.") or not name[10:].isdigit():
+                raise SteeringVectorError(f"{path}: unexpected tensor {name!r} (want direction.<layer>)")
+            if t.tensor_type != gguf.GGMLQuantizationType.F32:
+                raise SteeringVectorError(f"{path}: {name} is {t.tensor_type.name}, llama.cpp needs F32")
+            directions[int(name[10:])] = torch.from_numpy(t.data.copy()).reshape(-1)
+        if not directions:
+            raise SteeringVectorError(f"{path}: no direction.<layer> tensors")
+        raw = text(f"{_META_KEY}.metadata")
+        info: dict[str, Any] = {}
+        if raw:
+            try:
+                info = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise SteeringVectorError(f"{path}: {_META_KEY}.metadata is not JSON ({e})") from e
+            info.pop("format_version", None)
+        else:
+            info = {"model_id": text("controlvector.model_hint"), "method": "llama.cpp control vector"}
+            info["provenance"] = {"source": str(path)}
+        try:
+            return cls(directions=directions, **info)
+        except TypeError as e:
+            raise SteeringVectorError(f"{path}: bad metadata ({e})") from e
+
     # ------------------------------------------------------------- helpers
     def dense(self, num_layers: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``Tensor[num_layers, dim]`` with zeros on layers the vector does not have."""

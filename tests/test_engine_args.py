@@ -273,10 +273,15 @@ def test_serve_command_includes_the_vllm_options(model_dir):
     ):
         assert piece in line, piece
     assert cmd.count("--dtype") == 1  # the user's, no default added
-    assert cmd.count("--hf-overrides") == 1  # merged with the steering architecture
-    hf = json.loads(cmd[cmd.index("--hf-overrides") + 1])
-    assert hf == {**HF, "architectures": ["RoastLlamaForCausalLM"]}
-    assert json.loads(env["ROAST_VLLM_CONFIG"])["max_steering_slots"] == 8
+    # the stock command: the roast entry; the plugin adds the architecture, tracker,
+    # scheduler and worker extension when vLLM builds its config (tests/test_plugin.py)
+    assert json.loads(cmd[cmd.index("--additional-config") + 1]) == {
+        "roast": {"max_steering_slots": 8, "vectors": {}}
+    }
+    for flag in ("--scheduler-cls", "--worker-extension-cls", "--logits-processors"):
+        assert flag not in cmd
+    assert json.loads(cmd[cmd.index("--hf-overrides") + 1]) == HF  # the user's, as given
+    assert env == {}
 
 
 def test_serve_command_defaults(model_dir, monkeypatch):
@@ -304,7 +309,7 @@ def test_serve_command_defaults(model_dir, monkeypatch):
 def test_serve_dry_run_prints_the_vllm_options(model_dir, capsys):
     main(["serve", "--model", model_dir, "--dry-run", "-tp", "2", "--", "--port", "8123"])
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert "-tp 2" in line and "--port 8123" in line and "RoastLlamaForCausalLM" in line
+    assert "-tp 2" in line and "--port 8123" in line and '"roast"' in line
 
 
 # ------------------------------------------------------------------ demo

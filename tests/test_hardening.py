@@ -580,4 +580,4 @@ def test_serve_accepts_mlp_act_vectors(model_dir, tmp_path, capsys):
         path
     )
     main(["serve", "--model", model_dir, "--vector", f"m={path}", "--dry-run"])
-    assert "RoastLlamaForCausalLM" in capsys.readouterr().out
+    assert f'"m": "{path}"' in capsys.readouterr().out

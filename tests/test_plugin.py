@@ -44,3 +44,95 @@ def test_steered_class_subclasses_stock():
     from vllm.model_executor.models.llama import LlamaForCausalLM
 
     assert issubclass(cls, LlamaForCausalLM) and cls.__module__ == "roast_vllm.engine.models.steered"
+
+
+# ------------------------------------------------------------------ stock `vllm serve`
+def _engine_config(model_dir, **kw):
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model=model_dir, max_model_len=1024, **kw).create_engine_config()
+
+
+def test_additional_config_alone_switches_steering_on(model_dir, tmp_path, monkeypatch):
+    """What stock `vllm serve MODEL --additional-config '{"roast": {...}}'` builds: the
+    plugin's wrapper of EngineArgs.create_engine_config fills in the architecture override,
+    the tracker, the scheduler and worker extension, completes the roast entry from the
+    built config and hands it to the front end's validation (ROAST_VLLM_CONFIG)."""
+    import json
+
+    from roast_vllm import SteeringVector
+    from roast_vllm.engine import registry
+    from roast_vllm.engine.scheduler import QUALNAME as SCHED
+    from roast_vllm.engine.tracker import QUALNAME as TRACKER
+    from roast_vllm.engine.worker import QUALNAME as WORKER
+
+    monkeypatch.delenv("ROAST_VLLM_CONFIG", raising=False)
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    vec = SteeringVector.random(30, 576, seed=0).save(tmp_path / "v.safetensors")
+    roast = {"max_steering_slots": 8, "vectors": {"v": str(vec)}}
+    cfg = _engine_config(model_dir, additional_config={"roast": roast, "other": 1})
+    assert cfg.model_config.architectures == ["RoastLlamaForCausalLM"]
+    assert cfg.model_config.logits_processors == [TRACKER]
+    assert cfg.scheduler_config.scheduler_cls == SCHED
+    assert cfg.parallel_config.worker_extension_cls == WORKER
+    got = cfg.additional_config["roast"]
+    assert cfg.additional_config["other"] == 1
+    assert got["max_steering_slots"] == 8 and got["vectors"] == {"v": str(vec)}
+    assert got["num_layers"] == 30 and got["max_model_len"] == 1024
+    assert got["model_dtype"] == str(cfg.model_config.dtype).replace("torch.", "")
+    assert json.loads(__import__("os").environ["ROAST_VLLM_CONFIG"]) == got
+    assert registry.known() and registry.names() == ["v"]  # the front end can validate
+    registry.reset()
+    # without a roast entry nothing changes: stock vLLM
+    plain = _engine_config(model_dir)
+    assert plain.model_config.architectures == ["LlamaForCausalLM"]
+    assert not plain.model_config.logits_processors and plain.scheduler_config.scheduler_cls is None
+    # the user's own hf_overrides and logits processors are kept, merged
+    cfg = _engine_config(
+        model_dir,
+        additional_config={"roast": {}},
+        hf_overrides={"rope_theta": 10000.0},
+        logits_processors=["vllm.v1.sample.logits_processor:MinPLogitsProcessor"],
+    )
+    monkeypatch.delenv("ROAST_VLLM_CONFIG", raising=False)
+    assert cfg.model_config.architectures == ["RoastLlamaForCausalLM"]
+    assert cfg.model_config.hf_config.rope_theta == 10000.0
+    assert cfg.model_config.logits_processors[-1] == TRACKER and len(cfg.model_config.logits_processors) == 2
+
+
+def test_additional_config_bad_input_fails_before_any_engine(model_dir, tmp_path, monkeypatch):
+    import pytest
+
+    monkeypatch.delenv("ROAST_VLLM_CONFIG", raising=False)
+    cases = [
+        ({"roast": {"slots": 3}}, {}, "unknown roast config keys"),
+        ({"roast": "on"}, {}, "must be a JSON object"),
+        (
+            {"roast": {"vectors": {"v": str(tmp_path / "missing.safetensors")}}},
+            {},
+            "roast vector 'v'.*does not exist",
+        ),
+        ({"roast": {}}, {"scheduler_cls": "x.Y"}, "its own scheduler_cls"),
+        ({"roast": {}}, {"pipeline_parallel_size": 2}, "pipeline parallelism"),
+    ]
+    for extra, kw, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            _engine_config(model_dir, additional_config=extra, **kw)
+    # a stale ROAST_VLLM_CONFIG that disagrees with the engine's config is refused
+    monkeypatch.setenv("ROAST_VLLM_CONFIG", '{"max_steering_slots": 3}')
+    with pytest.raises(ValueError, match="ROAST_VLLM_CONFIG is set and differs"):
+        _engine_config(model_dir, additional_config={"roast": {}})
+
+
+def test_create_engine_config_is_wrapped_once():
+    from vllm.engine.arg_utils import EngineArgs
+
+    from roast_vllm.engine.autoconfig import install
+    from roast_vllm.engine.plugin import register
+
+    register()
+    first = EngineArgs.create_engine_config
+    assert install() and install() and register() is None
+    assert EngineArgs.create_engine_config is first
+    assert getattr(first, "__wrapped__", None) is not None
+    assert getattr(first.__wrapped__, "_roast_vllm_wrapper", False) is False  # not wrapped twice

@@ -1,6 +1,7 @@
-"""Online serving: `roast-vllm serve` (which runs stock `vllm serve` with the plugin's
-flags) steers per request through `vllm_xargs`, rejects bad steering with HTTP 400, and
-keeps serving. Traffic goes to 127.0.0.1 only."""
+"""Online serving: `roast-vllm serve`, which runs stock `vllm serve MODEL
+--additional-config '{"roast": {...}}'` and nothing else of ours (the plugin switches
+steering on from that entry), steers per request through `vllm_xargs`, rejects bad
+steering with HTTP 400, and keeps serving. Traffic goes to 127.0.0.1 only."""
 
 from __future__ import annotations
 

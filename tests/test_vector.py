@@ -114,3 +114,69 @@ def test_random_and_dense():
     assert v.method == "random" and torch.allclose(v.directions[1].norm(), torch.tensor(1.0))
     d = v.dense(30)
     assert d.shape == (30, 576) and torch.count_nonzero(d[0]) == 0 and torch.equal(d[2], v.directions[2])
+
+
+# ------------------------------------------------------------------ llama.cpp / repeng GGUF
+def test_gguf_round_trip_is_exact_and_in_llama_cpp_layout(tmp_path):
+    """save_gguf writes what llama.cpp's control-vector loader reads (architecture
+    `controlvector`, F32 1-D `direction.<l>` tensors, l >= 1) plus repeng's metadata keys;
+    load_gguf gives back the same vector, bit for bit, metadata included."""
+    import gguf
+
+    v = SteeringVector.random(30, 576, layers=[1, 5, 29], seed=3, model_id="smol", provenance={"k": 1})
+    path = v.save_gguf(tmp_path / "v.gguf", model_hint="llama")
+    assert SteeringVector.load_gguf(path) == v
+    r = gguf.GGUFReader(str(path))
+    assert [(t.name, t.tensor_type.name, int(t.n_elements)) for t in r.tensors] == [
+        ("direction.1", "F32", 576),
+        ("direction.5", "F32", 576),
+        ("direction.29", "F32", 576),
+    ]
+
+    def field(key):
+        f = r.get_field(key)
+        return f.parts[-1]
+
+    assert bytes(field("general.architecture")).decode() == "controlvector"
+    assert bytes(field("controlvector.model_hint")).decode() == "llama"
+    assert int(field("controlvector.layer_count")[0]) == 3
+
+
+def test_gguf_refuses_layer0_and_other_sites_and_reads_foreign_files(tmp_path):
+    import gguf
+    import numpy as np
+
+    v = SteeringVector.random(30, 576, layers=[0, 4], seed=1)
+    with pytest.raises(SteeringVectorError, match="layer 0"):
+        v.save_gguf(tmp_path / "a.gguf")
+    w = SteeringVector.load_gguf(v.save_gguf(tmp_path / "a.gguf", drop_layer0=True))
+    assert w.layers == [4] and torch.equal(w.directions[4], v.directions[4])
+    assert w.provenance["dropped_layers"] == [0]
+    m = SteeringVector.random(30, 1536, layers=[3], site="mlp_act")
+    with pytest.raises(SteeringVectorError, match="residual"):
+        m.save_gguf(tmp_path / "m.gguf")
+    # a file written as repeng's export_gguf does (no roast metadata): model_hint -> model_id
+    wr = gguf.GGUFWriter(str(tmp_path / "r.gguf"), "controlvector")
+    wr.add_string("controlvector.model_hint", "llama")
+    wr.add_uint32("controlvector.layer_count", 2)
+    wr.add_tensor("direction.3", np.ones(8, np.float32))
+    wr.add_tensor("direction.7", np.arange(8, dtype=np.float32))
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    f = SteeringVector.load_gguf(tmp_path / "r.gguf")
+    assert f.layers == [3, 7] and f.model_id == "llama" and f.site == "residual"
+    assert torch.equal(f.directions[7], torch.arange(8, dtype=torch.float32))
+    # not a control vector / not GGUF at all
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf file at all")
+    with pytest.raises(SteeringVectorError, match="not a GGUF file"):
+        SteeringVector.load_gguf(tmp_path / "bad.gguf")
+    wm = gguf.GGUFWriter(str(tmp_path / "model.gguf"), "llama")
+    wm.add_tensor("token_embd.weight", np.ones((2, 8), np.float32))
+    wm.write_header_to_file()
+    wm.write_kv_data_to_file()
+    wm.write_tensors_to_file()
+    wm.close()
+    with pytest.raises(SteeringVectorError, match="not a control vector"):
+        SteeringVector.load_gguf(tmp_path / "model.gguf")

@@ -1,5 +1,6 @@
 """``roast-vllm serve``: stock ``vllm serve`` with steering switched on (prints the
-command it runs)."""
+command it runs). The command is the stock one with ``--additional-config
+'{"roast": {...}}'``: the plugin does the rest (``roast_vllm.engine.autoconfig``)."""
 
 from __future__ import annotations
 
@@ -28,17 +29,6 @@ def _vllm_serve(model: str) -> list[str]:
     return [str(exe) if exe.exists() else "vllm", "serve", model]
 
 
-#: vLLM options roast-vllm sets itself: the user's values are merged with its own (or, for
-#: the scheduler and worker extension, refused); the rest pass through as given
-MERGED_SERVE_OPTIONS = (
-    "hf_overrides",
-    "logits_processors",
-    "additional_config",
-    "scheduler_cls",
-    "worker_extension_cls",
-)
-
-
 def serve_command(
     model: str,
     vectors: dict[str, str],
@@ -48,28 +38,29 @@ def serve_command(
     cpu: bool | None = None,
     allow_capture: bool = False,
 ) -> tuple[list[str], dict]:
-    """The ``vllm serve`` command line (and env) that serves ``model`` with steering.
+    """The stock ``vllm serve`` command line that serves ``model`` with steering: the
+    model, ``--additional-config '{"roast": {...}}'`` (the plugin switches the rest on,
+    ``roast_vllm.engine.autoconfig``), the user's options and, where not given, the CPU
+    dtype rule (``--dtype``) and bounded steps (``roast_vllm.engine.args.step_bounds``;
+    clients may send seeded requests) spelled out (the plugin would apply the same). Also
+    returns the environment to add (none today: the plugin sets what it needs).
 
     ``extra``: any ``vllm serve`` options, validated by vLLM's parser and passed through;
-    ``--hf-overrides``, ``--logits-processors`` and ``--additional-config`` are merged with
-    the steering ones (``--scheduler-cls``, ``--worker-extension-cls``: refused). Not given, the CPU dtype rule (``--dtype``) and bounded steps are
-    added (``roast_vllm.engine.args.step_bounds``; clients may send seeded requests). ``cpu``
-    overrides platform detection."""
-    from roast_vllm.engine.llm import check_supported, steering_engine_kwargs
+    ``--additional-config`` is merged with the roast entry; ``--scheduler-cls`` and
+    ``--worker-extension-cls`` are refused (steering needs its own). ``cpu`` overrides
+    platform detection."""
+    from roast_vllm.engine.config import CONFIG_KEY
+    from roast_vllm.engine.llm import steering_engine_kwargs
 
     given = engine_args.engine_kwargs(list(extra), prog="roast-vllm serve", serve=True)
-    check_supported(given)
-    merged = {k: given[k] for k in MERGED_SERVE_OPTIONS if k in given}
     if cpu is None:
         cpu = engine_args.on_cpu()
     defaults: dict[str, Any] = {}
     if "dtype" not in given and (dtype := engine_args.default_dtype(cpu)) is not None:
         defaults["dtype"] = dtype
-    # the front end's registry records the engine's length and dtype (request bounds)
-    front = {k: v for k, v in {**defaults, **given}.items() if k in ("max_model_len", "dtype")}
-    kw = steering_engine_kwargs(
-        model, max_steering_slots, vectors, allow_capture=allow_capture, **merged, **front
-    )
+    # everything the engine would refuse, refused here (unsupported features, a foreign
+    # scheduler or worker extension, a model folder without an architecture)
+    steering_engine_kwargs(model, max_steering_slots, vectors, allow_capture=allow_capture, **given)
     sched = {
         k: given[k]
         for k in ("enable_chunked_prefill", "max_num_batched_tokens", "max_model_len")
@@ -77,26 +68,18 @@ def serve_command(
     }
     bounded = step_bounds(sched, seeded=None, cpu=cpu)
     defaults.update({k: v for k, v in bounded.items() if k not in sched})
+    roast = {"max_steering_slots": max_steering_slots, "vectors": dict(vectors)}
+    if allow_capture:
+        roast["allow_capture"] = True
+    additional = {**(given.get("additional_config") or {}), CONFIG_KEY: roast}
     cmd = [
         *_vllm_serve(model),
-        "--hf-overrides",
-        json.dumps(kw["hf_overrides"]),
-        "--logits-processors",
-        *kw["logits_processors"],
-        "--scheduler-cls",
-        kw["scheduler_cls"],
-        "--worker-extension-cls",
-        kw["worker_extension_cls"],
         "--additional-config",
-        json.dumps(kw["additional_config"]),
-        *engine_args.drop_options(list(extra), set(merged), serve=True),
+        json.dumps(additional),
+        *engine_args.drop_options(list(extra), {"additional_config"}, serve=True),
         *engine_args.as_flags(defaults),
     ]
-    env = {
-        "ROAST_VLLM_CONFIG": json.dumps(kw["additional_config"]["roast"]),
-        "VLLM_USE_V2_MODEL_RUNNER": os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0"),
-    }
-    return cmd, env
+    return cmd, {}
 
 
 def cmd_serve(args) -> None:
@@ -117,9 +100,7 @@ def cmd_serve(args) -> None:
     cmd, env = serve_command(
         model, vectors, args.max_steering_slots, args.engine_argv, allow_capture=args.allow_capture
     )
-    print(
-        "+ " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + shlex.join(cmd), flush=True
-    )
+    print("+ " + " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(cmd)]), flush=True)
     if args.dry_run:
         return
     os.environ.update(env)
@@ -127,7 +108,7 @@ def cmd_serve(args) -> None:
 
 
 def add_commands(sub) -> None:
-    s = sub.add_parser("serve", help="run `vllm serve` with steering switched on")
+    s = sub.add_parser("serve", help="run stock `vllm serve` with steering switched on (prints the command)")
     s.add_argument("--model", default=None)
     s.add_argument("--vector", action="append", default=[], metavar="NAME=FILE")
     s.add_argument("--max-steering-slots", type=int, default=64)

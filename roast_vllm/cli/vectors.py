@@ -1,4 +1,6 @@
-"""``roast-vllm caa``: steering vectors from contrasting prompt files."""
+"""``roast-vllm caa``: steering vectors from contrasting prompt files; ``roast-vllm
+convert``: between this project's ``.safetensors`` and llama.cpp / repeng control
+vectors (``.gguf``)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,23 @@ def cmd_caa(args) -> None:
     print(f"wrote {args.out}: {len(vec.layers)} layers, dim {vec.hidden_size} (norms {norms} ...)")
 
 
+def _load(path: str):
+    from roast_vllm import SteeringVector
+
+    return SteeringVector.load_gguf(path) if str(path).endswith(".gguf") else SteeringVector.load(path)
+
+
+def cmd_convert(args) -> None:
+    vec = _load(args.input)
+    if str(args.output).endswith(".gguf"):
+        vec.save_gguf(args.output, model_hint=args.model_hint, drop_layer0=args.drop_layer0)
+    elif str(args.output).endswith(".safetensors"):
+        vec.save(args.output)
+    else:
+        raise SystemExit(f"error: {args.output}: the output must end in .gguf or .safetensors")
+    print(f"wrote {args.output}: layers {vec.layers}, dim {vec.hidden_size}, site {vec.site}")
+
+
 def add_commands(sub) -> None:
     s = sub.add_parser("caa", help="contrastive mean-difference vector from two prompt files")
     s.add_argument("--positive", required=True, help="prompts showing the behaviour (.txt lines or .jsonl)")
@@ -34,3 +53,16 @@ def add_commands(sub) -> None:
     s.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
     s.add_argument("--normalize", action="store_true", help="unit-norm each layer's direction")
     s.set_defaults(func=cmd_caa)
+
+    s = sub.add_parser(
+        "convert", help="convert a vector: .safetensors (ours) <-> .gguf (llama.cpp / repeng control vector)"
+    )
+    s.add_argument("input", help=".safetensors or .gguf")
+    s.add_argument("output", help=".safetensors or .gguf")
+    s.add_argument("--model-hint", default="llama", help="GGUF controlvector.model_hint (repeng needs it)")
+    s.add_argument(
+        "--drop-layer0",
+        action="store_true",
+        help="leave out layer 0 (llama.cpp cannot steer it and refuses a file with direction.0)",
+    )
+    s.set_defaults(func=cmd_convert)
