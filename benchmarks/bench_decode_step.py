@@ -2,7 +2,7 @@
 
 What it measures
     The time of one decode step (one token per sequence, ``B`` sequences) of a proxy
-    model in plain torch (no vLLM), under three conditions:
+    model in plain torch (no vLLM), under four conditions:
 
     ``stock``         no steering ops at all (the stock model);
     ``none_steered``  the steering ops present on every layer, every token in slot 0;
@@ -10,10 +10,14 @@ What it measures
                       steered (token t is steered iff t is even, slot ``1 + (t//2) % 64``;
                       at batch 1 the one token is steered), ``residual`` + ``mlp_act``
                       steering on every layer.
+    ``mixed``         a batch of all three kinds of request: ``steered``'s additive tokens
+                      (t even), Fusion Steering decodes (t = 1 mod 4: the ``fusion_mean``
+                      op on every layer, each its own running mean and reference) and
+                      plain tokens (t = 3 mod 4); all three ops on every layer.
 
     Reported per batch: ms per step for each condition and the throughput ratios
-    ``none_steered_over_stock`` and ``steered_over_stock`` (= stock ms / condition ms,
-    so 1.0 = free, 0.98 = 2% slower). The issue's target is steered_over_stock >= 0.98 at
+    ``none_steered_over_stock``, ``steered_over_stock`` and ``mixed_over_stock`` (= stock
+    ms / condition ms, so 1.0 = free, 0.98 = 2% slower). The issue's target is steered_over_stock >= 0.98 at
     batch 256 on a GPU; CPU figures say nothing about that target.
 
 The proxy (one decoder layer, as vLLM's Llama/Qwen2 layers, defaults at Qwen2.5-32B widths)
@@ -23,7 +27,10 @@ The proxy (one decoder layer, as vLLM's Llama/Qwen2 layers, defaults at Qwen2.5-
     -> [residual steering of the layer output], then a final add+RMSNorm. Steering calls
     the project's ops exactly as ``roast_vllm.engine.state`` does:
     ``steer_mlp_act(act, gate_up[:, I:], mlp_table[l], token_slot, slot_scale)`` and
-    ``steer_apply(hidden, table[l], token_slot, slot_scale)`` (Triton on CUDA).
+    ``steer_apply(hidden, table[l], token_slot, slot_scale)`` (Triton on CUDA); in ``mixed``
+    also ``fusion_mean(hidden, residual, fusion_table[l], fusion_coef[l], fusion_sum,
+    fusion_meta, l)`` before the residual op, as ``SteeringState.apply_fusion`` does (the
+    running sums keep growing over the timed steps: values drift, the cost does not).
 
     Attention is a cheap stand-in: the new token's K/V are written into a per-sequence
     cache of ``--kv-len`` tokens (default 512; 0 skips attention) and the token attends to
@@ -39,11 +46,12 @@ The proxy (one decoder layer, as vLLM's Llama/Qwen2 layers, defaults at Qwen2.5-
     the stock step and flatter the ratio.
 
 How it is timed
-    CUDA: each batch size captures two CUDA graphs of the whole step (after warm-up on a
-    side stream, as the PyTorch docs prescribe): one without steering ops (``stock``) and
-    one with them. ``none_steered`` and ``steered`` replay the same graph; like the
-    engine, each step refills the persistent ``token_slot`` buffer with ``copy_`` (from a
-    device tensor) before the replay, and the graph reads it by address. That refill is
+    CUDA: each batch size captures three CUDA graphs of the whole step (after warm-up on
+    a side stream, as the PyTorch docs prescribe): one without steering ops (``stock``),
+    one with the additive ops (``none_steered`` and ``steered`` replay it) and one with the
+    Fusion op too (``mixed``); like the engine, each step refills the persistent
+    ``token_slot`` (and for ``mixed`` ``fusion_meta``) buffers with ``copy_`` (from a
+    device tensor) before the replay, and the graph reads them by address. That refill is
     in the timed loop (the engine pays its ``prepare_step`` once per step too; over 4
     proxy layers instead of 64 real ones that per-step cost weighs 16x more here, so the
     proxy is pessimistic). Replays are timed with CUDA events, ``--iters`` steps per
@@ -60,11 +68,13 @@ How it is timed
     neighbours in the compiled graph and the two graphs equal within tolerance.
 
 Correctness check (``--check`` runs only this; it always runs before timing)
-    stock == none_steered bit for bit; in ``steered``, every unsteered row is bit-identical
-    to stock and every steered row differs; steered rows match a run with the pure-torch
-    reference ops (``*_ref``) to a relative tolerance. On CUDA the same is asserted on the
-    graph replays (with ``token_slot`` refilled between replays, so a graph that baked the
-    slots in as constants fails), plus graph vs eager agreement.
+    stock == none_steered bit for bit (also with the Fusion op present and idle); in
+    ``steered`` and ``mixed``, every unsteered row is bit-identical to stock and every
+    steered row differs; steered rows match a run with the pure-torch reference ops
+    (``*_ref``) to a relative tolerance; ``mixed``'s additive rows equal ``steered``'s bit
+    for bit. On CUDA the same is asserted on the graph replays (with ``token_slot`` and
+    ``fusion_meta`` refilled between replays, so a graph that baked them in as constants
+    fails), plus graph vs eager agreement.
 
 Outputs (``--out``, default results/decode_step/): ``decode_step_<cuda|cpu>.csv``,
 ``.json`` (device, torch version, shapes, dtype, settings, per batch: ms per condition,
@@ -119,13 +129,21 @@ def _kernel_module(name: str):
 
 _sa = _kernel_module("steer_apply")
 _sm = _kernel_module("steer_mlp_act")
+_fm = _kernel_module("fusion_mean")
 # Module globals, looked up at call time: tests monkeypatch them with broken ops.
 steer_apply = _sa.steer_apply
 steer_apply_ref = _sa.steer_apply_ref
 steer_mlp_act = _sm.steer_mlp_act
 steer_mlp_act_ref = _sm.steer_mlp_act_ref
+fusion_mean = _fm.fusion_mean
 
-CONDITIONS = ("stock", "none_steered", "steered")
+
+def fusion_mean_ref(h, res, table, coef, msum, meta, layer):
+    """The reference with ``fusion_mean``'s signature (whole ``[L, K, H]`` buffer + layer)."""
+    return _fm.fusion_mean_ref(h, res, table, coef, msum[layer], meta)
+
+
+CONDITIONS = ("stock", "none_steered", "steered", "mixed")
 TARGET_BATCH, TARGET_RATIO = 256, 0.98
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -197,6 +215,24 @@ def steer_pattern(batch: int, slots: int) -> torch.Tensor:
     return torch.where(t % 2 == 0, 1 + (t // 2) % slots, torch.zeros_like(t))
 
 
+def fusion_pattern(batch: int, slots: int, width: int) -> torch.Tensor:
+    """``fusion_meta [5, width]`` of ``mixed``: token t = 1 (mod 4) is the decode of Fusion
+    request j (its own running state 1 + j, slot 1 + j % slots, 64 + t positions before
+    it); the rest of the entries idle (n = 0), busy ones first."""
+    ts = [t for t in range(batch) if t % 4 == 1]
+    meta = torch.zeros(5, width, dtype=torch.long)
+    for j, t in enumerate(ts):
+        meta[:, j] = torch.tensor([t, 1, 1 + j, 1 + j % slots, 64 + t])
+    return meta
+
+
+def fusion_mask(meta: torch.Tensor, batch: int) -> torch.Tensor:
+    m = torch.zeros(batch, dtype=torch.bool)
+    busy = meta[1] > 0
+    m[meta[0][busy]] = True
+    return m
+
+
 # ---------------------------------------------------------------- the proxy model
 class Proxy:
     """Random weights and the persistent buffers a steered engine keeps (tables,
@@ -240,6 +276,14 @@ class Proxy:
         self.slot_scale = 0.5 + 1.5 * torch.rand(S, generator=g, device=self.device)
         self.slot_scale[0] = 0.0
         self.token_slot = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        # Fusion Steering: table = c_l * r_l, coef = c_l per slot (row 0 unused), running
+        # sums per state (as the engine's fusion_sum [L, max_num_seqs + 1, H]), meta per step
+        self.fusion_coef = 0.05 + 0.45 * torch.rand(sh.layers, S, generator=g, device=self.device)
+        self.fusion_coef[:, 0] = 0.0
+        self.fusion_table = self.fusion_coef[:, :, None] * rnd(sh.layers, S, H, dt=torch.float32)
+        self.fusion_sum0 = 8.0 * rnd(sh.layers, max_batch + 1, H, dt=torch.float32)
+        self.fusion_sum = self.fusion_sum0.clone()
+        self.fusion_meta = torch.zeros(5, max_batch, dtype=torch.long, device=self.device)
         self.x = rnd(max_batch, H)  # the step's input hidden states (a persistent buffer)
         self.rms_norm, self.add_rms_norm, self.silu_and_mul = rms_norm, add_rms_norm, silu_and_mul
         if fuse:
@@ -268,8 +312,9 @@ class Proxy:
         return F.scaled_dot_product_attention(q, kc, vc).reshape(B, self.q_width)
 
     def step(self, B: int, ops=None) -> torch.Tensor:
-        """One decode step over tokens ``x[:B]``; ``ops = (residual_op, mlp_op)`` or None
-        (stock: no steering ops). Returns the final normed hidden states [B, H]."""
+        """One decode step over tokens ``x[:B]``; ``ops = (residual_op, mlp_op)``,
+        ``(residual_op, mlp_op, fusion_op)`` or None (stock: no steering ops). Returns the
+        final normed hidden states [B, H]."""
         I = self.s.intermediate
         slot = self.token_slot[:B]
         h, residual = self.x[:B], None
@@ -286,17 +331,29 @@ class Proxy:
             if ops is not None:
                 ops[1](act, gate_up[:, I:], self.mlp_table[idx], slot, self.slot_scale)
             h = F.linear(act, layer["w_down"])
+            if ops is not None and len(ops) > 2:  # before the additive op, as the engine
+                ops[2](
+                    h,
+                    residual,
+                    self.fusion_table[idx],
+                    self.fusion_coef[idx],
+                    self.fusion_sum,
+                    self.fusion_meta,
+                    idx,
+                )
             if ops is not None:
                 ops[0](h, self.table[idx], slot, self.slot_scale)
         return self.add_rms_norm(h, residual, self.final_norm)[0]
 
 
-def live_ops():
-    return (steer_apply, steer_mlp_act)  # read at call time (monkeypatchable)
+def live_ops(fusion: bool = False):
+    ops = (steer_apply, steer_mlp_act)  # read at call time (monkeypatchable)
+    return (*ops, fusion_mean) if fusion else ops
 
 
-def ref_ops():
-    return (steer_apply_ref, steer_mlp_act_ref)
+def ref_ops(fusion: bool = False):
+    ops = (steer_apply_ref, steer_mlp_act_ref)
+    return (*ops, fusion_mean_ref) if fusion else ops
 
 
 # ---------------------------------------------------------------- correctness check
@@ -331,40 +388,90 @@ def compare(where: str, stock, none, steered, mask: torch.Tensor, tol: float, re
     return info
 
 
-def check_eager(p: Proxy, B: int, pattern: torch.Tensor) -> dict:
+def _mixed_step(p: Proxy, B: int, pattern, meta, ops) -> torch.Tensor:
+    """``mixed`` from fresh running sums; leaves the slots and meta idle again."""
+    p.fusion_sum.copy_(p.fusion_sum0)
+    p.token_slot[:B].copy_(pattern)
+    p.fusion_meta.copy_(meta)
+    out = p.step(B, ops).clone()
+    p.token_slot[:B].zero_()
+    p.fusion_meta.zero_()
+    return out
+
+
+def check_mixed(
+    where: str, stock, none, steered, mixed, pattern, meta, tol, reference, additive_tol: float = 0.0
+) -> dict:
+    """``mixed`` against stock and the reference (rows: additive | Fusion steered), and its
+    additive rows against ``steered``'s: bit for bit (``additive_tol`` 0: the Fusion op
+    must not touch them), or within ``additive_tol`` where they come from another
+    compiled graph."""
+    B = stock.shape[0]
+    fm = fusion_mask(meta.cpu(), B).to(stock.device)
+    info = compare(where, stock, none, mixed, (pattern != 0) | fm, tol, reference)
+    add = (pattern != 0).to(stock.device)
+    if add.any():
+        same = torch.equal(mixed[add], steered[add])
+        if not same and not (additive_tol and _rel_err(mixed[add], steered[add]) <= additive_tol):
+            raise CheckFailed(f"{where}: additive rows differ from the steered condition's")
+    return {"fusion_rows": int(fm.sum()), "mixed_rel_err_vs_ref_ops": info.get("rel_err_vs_ref_ops")}
+
+
+def check_eager(p: Proxy, B: int, pattern: torch.Tensor, meta: torch.Tensor | None = None) -> dict:
+    if meta is None:
+        meta = fusion_pattern(B, p.s.slots, p.fusion_meta.shape[1])
+    meta = meta.to(p.device)
     with torch.no_grad():
         p.token_slot[:B].zero_()
+        p.fusion_meta.zero_()
         stock = p.step(B).clone()
         none = p.step(B, live_ops()).clone()
+        none_f = p.step(B, live_ops(True)).clone()  # the Fusion op present, idle
         p.token_slot[:B].copy_(pattern)
         steered = p.step(B, live_ops()).clone()
         ref = p.step(B, ref_ops()).clone()
         p.token_slot[:B].zero_()
-    info = compare(f"eager, batch {B}", stock, none, steered, pattern != 0, _tolerance(p.dtype), ref)
-    return {"stock": stock, "steered": steered, "info": info}
+        mixed = _mixed_step(p, B, pattern, meta, live_ops(True))
+        sums = p.fusion_sum.clone()
+        mixed_ref = _mixed_step(p, B, pattern, meta, ref_ops(True))
+        sums_ref = p.fusion_sum.clone()
+        p.fusion_sum.copy_(p.fusion_sum0)
+    tol = _tolerance(p.dtype)
+    info = compare(f"eager, batch {B}", stock, none, steered, pattern != 0, tol, ref)
+    info.update(
+        check_mixed(f"eager mixed, batch {B}", stock, none_f, steered, mixed, pattern, meta, tol, mixed_ref)
+    )
+    if _rel_err(sums, sums_ref) > tol:
+        raise CheckFailed(f"eager mixed, batch {B}: running sums differ from the reference op's")
+    return {"stock": stock, "steered": steered, "mixed": mixed, "meta": meta, "info": info}
 
 
 # ---------------------------------------------------------------- CUDA graphs
 class GraphPair:
-    """The step captured twice: without steering ops and with them (token_slot read by address)."""
+    """The step captured three times: without steering ops, with the additive ops, and
+    with the Fusion op too (token_slot and fusion_meta read by address)."""
 
     def __init__(self, p: Proxy, B: int, warmup: int = 3):
         self.p, self.B = p, B
         p.token_slot[:B].zero_()
+        p.fusion_meta.zero_()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.no_grad():
             for _ in range(warmup):
                 p.step(B)
                 p.step(B, live_ops())
+                p.step(B, live_ops(True))
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
-        self.g_stock, self.g_ops = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        self.g_stock, self.g_ops, self.g_mixed = (torch.cuda.CUDAGraph() for _ in range(3))
         with torch.no_grad():
             with torch.cuda.graph(self.g_stock):
                 self.out_stock = p.step(B)
             with torch.cuda.graph(self.g_ops):
                 self.out_ops = p.step(B, live_ops())
+            with torch.cuda.graph(self.g_mixed):
+                self.out_mixed = p.step(B, live_ops(True))
         torch.cuda.synchronize()
 
 
@@ -382,12 +489,27 @@ def check_graphs(gp: GraphPair, pattern_dev: torch.Tensor, zeros_dev: torch.Tens
     slot.copy_(pattern_dev)
     gp.g_ops.replay()
     again = gp.out_ops.clone()
+    slot.copy_(zeros_dev)
+    p.fusion_sum.copy_(p.fusion_sum0)
+    gp.g_mixed.replay()
+    none_f = gp.out_mixed.clone()  # the Fusion op present, idle
+    slot.copy_(pattern_dev)
+    p.fusion_meta.copy_(eager["meta"])
+    gp.g_mixed.replay()
+    mixed = gp.out_mixed.clone()
+    slot.copy_(zeros_dev)
+    p.fusion_meta.zero_()
+    p.fusion_sum.copy_(p.fusion_sum0)
     if again.is_cuda:
         torch.cuda.synchronize()
     where = f"CUDA graph, batch {B}"
     info = compare(where, stock, none, steered, pattern_dev != 0, tol, eager["steered"])
     if not torch.equal(steered, again):
         raise CheckFailed(f"{where}: replays with the same token_slot differ")
+    mixed_info = check_mixed(
+        f"{where} (mixed)", stock, none_f, steered, mixed, pattern_dev, eager["meta"], tol, eager["mixed"]
+    )
+    info.update({f"graph_{k}": v for k, v in mixed_info.items()})
     for name, a, b in (("stock", stock, eager["stock"]), ("steered", steered, eager["steered"])):
         err = _rel_err(a, b)
         info[f"rel_err_graph_vs_eager_{name}"] = err
@@ -397,40 +519,52 @@ def check_graphs(gp: GraphPair, pattern_dev: torch.Tensor, zeros_dev: torch.Tens
 
 
 # ---------------------------------------------------------------- timing
-def _runners(p: Proxy, B: int, pattern: torch.Tensor, gp: GraphPair | None, compiled: bool = False):
+def _runners(
+    p: Proxy, B: int, pattern: torch.Tensor, meta: torch.Tensor, gp: GraphPair | None, compiled: bool = False
+):
     slot = p.token_slot[:B]
     pattern = pattern.to(p.device)
+    meta = meta.to(p.device)
     zeros = torch.zeros_like(pattern)
+
+    def refill(src, m=None):  # the per-step buffers, as the engine's prepare_step
+        slot.copy_(src)
+        if m is not None:
+            p.fusion_meta.copy_(m)
+
     if compiled:
-        # one graph without the ops, one with them: token_slot is a buffer read by address,
-        # so none_steered and steered run the same compiled code (as in vLLM's compile mode)
-        stock, ops = compiled_steps(p, B)
+        # one graph without the ops, one with them, one with the Fusion op too: token_slot
+        # and fusion_meta are buffers read by address, so none_steered and steered run the
+        # same compiled code (as in vLLM's compile mode)
+        stock, ops, mixed = compiled_steps(p, B)
         return {
             "stock": stock,
-            "none_steered": lambda: (slot.copy_(zeros), ops()),
-            "steered": lambda: (slot.copy_(pattern), ops()),
+            "none_steered": lambda: (refill(zeros), ops()),
+            "steered": lambda: (refill(pattern), ops()),
+            "mixed": lambda: (refill(pattern, meta), mixed()),
         }
     if gp is not None:
         return {
             "stock": gp.g_stock.replay,
-            "none_steered": lambda: (slot.copy_(zeros), gp.g_ops.replay()),
-            "steered": lambda: (slot.copy_(pattern), gp.g_ops.replay()),
+            "none_steered": lambda: (refill(zeros), gp.g_ops.replay()),
+            "steered": lambda: (refill(pattern), gp.g_ops.replay()),
+            "mixed": lambda: (refill(pattern, meta), gp.g_mixed.replay()),
         }
-
-    def eager(src):
-        if src is None:
-            return lambda: p.step(B)
-        return lambda: (slot.copy_(src), p.step(B, live_ops()))
-
-    return {"stock": eager(None), "none_steered": eager(zeros), "steered": eager(pattern)}
+    return {
+        "stock": lambda: p.step(B),
+        "none_steered": lambda: (refill(zeros), p.step(B, live_ops())),
+        "steered": lambda: (refill(pattern), p.step(B, live_ops())),
+        "mixed": lambda: (refill(pattern, meta), p.step(B, live_ops(True))),
+    }
 
 
 _compiled: dict = {}
 
 
 def compiled_steps(p: Proxy, B: int):
-    """``(stock, with_ops)``: the step compiled by inductor without and with the steering
-    ops (fixed shapes, one graph each; compiled once per proxy and batch)."""
+    """``(stock, with_ops, mixed)``: the step compiled by inductor without the steering
+    ops, with the additive ones, and with the Fusion op too (fixed shapes, one graph each;
+    compiled once per proxy and batch)."""
     key = (id(p), B)
     if key in _compiled:
         return _compiled[key]
@@ -441,8 +575,11 @@ def compiled_steps(p: Proxy, B: int):
     def ops_step():
         return p.step(B, live_ops())
 
+    def mixed_step():
+        return p.step(B, live_ops(True))
+
     c = dict(backend="inductor", fullgraph=True, dynamic=False)
-    _compiled[key] = torch.compile(stock_step, **c), torch.compile(ops_step, **c)
+    _compiled[key] = tuple(torch.compile(f, **c) for f in (stock_step, ops_step, mixed_step))
     return _compiled[key]
 
 
@@ -451,16 +588,43 @@ def check_compiled(p: Proxy, B: int, pattern: torch.Tensor, eager: dict, tol: fl
     with and without steered neighbours, steered rows change and match the eager steered
     step within ``tol``; the two graphs (stock, with ops) agree within ``tol`` with nothing
     steered (bit for bit only where inductor happens to fuse both alike, so not asserted)."""
-    stock_fn, ops_fn = compiled_steps(p, B)
+    stock_fn, ops_fn, mixed_fn = compiled_steps(p, B)
     slot = p.token_slot[:B]
     with torch.no_grad():
         slot.zero_()
+        p.fusion_meta.zero_()
         stock = stock_fn().clone()
         none = ops_fn().clone()
+        none_f = mixed_fn().clone()
         slot.copy_(pattern)
         steered = ops_fn().clone()
         slot.zero_()
+        p.fusion_sum.copy_(p.fusion_sum0)
+        slot.copy_(pattern)
+        p.fusion_meta.copy_(eager["meta"])
+        mixed = mixed_fn().clone()
+        slot.zero_()
+        p.fusion_meta.zero_()
+        p.fusion_sum.copy_(p.fusion_sum0)
     info = compare(f"compiled, batch {B}", none, none, steered, pattern != 0, tol, eager["steered"])
+    # the mixed graph is its own inductor graph: its rows are checked against its own idle
+    # run bit for bit, against the other graphs within tol (as stock vs with_ops above)
+    info["mixed_idle_vs_none_rel_err"] = _rel_err(none_f, none)
+    if not info["mixed_idle_vs_none_rel_err"] <= tol:
+        raise CheckFailed(f"compiled, batch {B}: the idle Fusion op's graph vs none_steered differs")
+    mixed_info = check_mixed(
+        f"compiled mixed, batch {B}",
+        none_f,
+        none_f,
+        steered,
+        mixed,
+        pattern,
+        eager["meta"],
+        tol,
+        eager["mixed"],
+        additive_tol=tol,
+    )
+    info.update(mixed_info)
     info["none_vs_stock_rel_err"] = _rel_err(none, stock)
     info["none_equals_stock_bitwise"] = bool(torch.equal(none, stock))
     if not info["none_vs_stock_rel_err"] <= tol:
@@ -540,14 +704,15 @@ def _git_rev() -> str:
 
 def _table(rows: list[dict]) -> str:
     head = (
-        f"{'batch':>6} {'steered tok':>11} {'stock ms':>10} {'none ms':>10} {'steered ms':>11} "
-        f"{'none/stock':>10} {'steered/stock':>13}"
+        f"{'batch':>6} {'steered tok':>11} {'fusion tok':>10} {'stock ms':>10} {'none ms':>10} "
+        f"{'steered ms':>11} {'mixed ms':>10} {'none/stock':>10} {'steered/stock':>13} {'mixed/stock':>11}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['batch']:>6} {r['steered_tokens']:>11} {r['stock_ms']:>10.4f} {r['none_steered_ms']:>10.4f} "
-            f"{r['steered_ms']:>11.4f} {r['none_steered_over_stock']:>10.4f} {r['steered_over_stock']:>13.4f}"
+            f"{r['batch']:>6} {r['steered_tokens']:>11} {r['fusion_tokens']:>10} {r['stock_ms']:>10.4f} "
+            f"{r['none_steered_ms']:>10.4f} {r['steered_ms']:>11.4f} {r['mixed_ms']:>10.4f} "
+            f"{r['none_steered_over_stock']:>10.4f} {r['steered_over_stock']:>13.4f} {r['mixed_over_stock']:>11.4f}"
         )
     return "\n".join(lines)
 
@@ -563,7 +728,7 @@ def _plot(rows: list[dict], path: Path, title: str) -> str | None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     xs = [r["batch"] for r in rows]
     ax.plot(xs, [1.0] * len(xs), color="0.6", lw=1, label="stock (= 1)")
-    for cond, marker in (("none_steered", "s"), ("steered", "o")):
+    for cond, marker in (("none_steered", "s"), ("steered", "o"), ("mixed", "^")):
         ax.plot(xs, [r[f"{cond}_over_stock"] for r in rows], marker=marker, label=cond)
     ax.axhline(TARGET_RATIO, ls="--", color="k", lw=1, label=f"target {TARGET_RATIO}")
     ax.set_xscale("log", base=2)
@@ -590,11 +755,14 @@ def write_outputs(out: Path, tag: str, meta: dict, rows: list[dict]) -> dict:
         "intermediate",
         "batch",
         "steered_tokens",
+        "fusion_tokens",
         "stock_ms",
         "none_steered_ms",
         "steered_ms",
+        "mixed_ms",
         "none_steered_over_stock",
         "steered_over_stock",
+        "mixed_over_stock",
     ]
     with open(paths["csv"], "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
@@ -718,7 +886,8 @@ def run(args) -> dict:
     bar = tqdm(total=total, desc="timing", leave=False) if (tqdm and total and sys.stderr.isatty()) else None
     for B in args.batches:
         pattern = steer_pattern(B, args.slots).to(args.device)
-        eager = check_eager(proxy, B, pattern)
+        meta = fusion_pattern(B, args.slots, proxy.fusion_meta.shape[1])
+        eager = check_eager(proxy, B, pattern, meta)
         checks[B] = dict(eager["info"])
         gp = None
         if args.compile:
@@ -730,13 +899,14 @@ def run(args) -> dict:
             print(f"  batch {B}: checks pass {checks[B]}")
             continue
         samples = time_conditions(
-            _runners(proxy, B, pattern, gp, args.compile), args.iters, args.repeats, cuda, bar
+            _runners(proxy, B, pattern, meta, gp, args.compile), args.iters, args.repeats, cuda, bar
         )
         med = {c: statistics.median(samples[c]) for c in CONDITIONS}
         rows.append(
             {
                 "batch": B,
                 "steered_tokens": int((pattern != 0).sum()),
+                "fusion_tokens": int(fusion_mask(meta, B).sum()),
                 **{f"{c}_ms": round(med[c], 5) for c in CONDITIONS},
                 **{f"{c}_over_stock": round(paired_ratio(samples, c), 4) for c in CONDITIONS[1:]},
                 "samples_ms": {c: [round(x, 5) for x in samples[c]] for c in CONDITIONS},
@@ -770,12 +940,16 @@ def run(args) -> dict:
         "timing": "CUDA graph replays, CUDA events"
         if use_graphs
         else f"{'inductor-compiled' if args.compile else 'eager'} steps, time.perf_counter",
-        "kernels": {m.__name__: str(Path(m.__file__).resolve()) for m in (_sa, _sm)},
+        "kernels": {m.__name__: str(Path(m.__file__).resolve()) for m in (_sa, _sm, _fm)},
         "fused_elementwise": fuse,
         "cpu_threads": None if cuda else torch.get_num_threads(),
         "iters": args.iters,
         "repeats": args.repeats,
         "steered_pattern": f"token t steered iff t even, slot 1 + (t // 2) % {args.slots}",
+        "mixed_pattern": (
+            "steered's additive tokens (t even), Fusion decodes at t = 1 (mod 4) (request j: "
+            f"state 1 + j, slot 1 + j % {args.slots}, 64 + t positions before), plain at t = 3 (mod 4)"
+        ),
         "ratio_definition": (
             "throughput ratio: median over rounds of (stock ms / condition ms) within the round (1 = no cost)"
         ),

@@ -46,9 +46,11 @@ def test_cpu_run_writes_csv_json_png(bench, tmp_path):
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
     assert [int(r["batch"]) for r in rows] == [1, 4, 9]
-    for col in ("stock_ms", "none_steered_ms", "steered_ms", "none_steered_over_stock", "steered_over_stock"):
-        assert all(float(r[col]) > 0 for r in rows), col
+    for c in bench.CONDITIONS:
+        assert all(float(r[f"{c}_ms"]) > 0 for r in rows), c
+        assert c == "stock" or all(float(r[f"{c}_over_stock"]) > 0 for r in rows), c
     assert [int(r["steered_tokens"]) for r in rows] == [1, 2, 5]  # half, round-robin, t even
+    assert [int(r["fusion_tokens"]) for r in rows] == [0, 1, 2]  # t = 1 (mod 4)
     data = json.loads(json_path.read_text())
     assert data["device_type"] == "cpu" and data["dtype"] == "fp32"
     assert data["shapes"]["hidden"] == 64 and data["torch"] == torch.__version__
@@ -58,7 +60,8 @@ def test_cpu_run_writes_csv_json_png(bench, tmp_path):
         assert all(len(v) == 2 for v in r["samples_ms"].values())
         pairs = sorted(s / c for s, c in zip(r["samples_ms"]["stock"], r["samples_ms"]["steered"]))
         assert r["steered_over_stock"] == pytest.approx(sum(pairs) / 2, rel=1e-3)  # median of 2 rounds
-    assert data["checks"]["9"]["unsteered_rows"] == 4
+    assert data["checks"]["9"]["unsteered_rows"] == 4 and data["checks"]["9"]["fusion_rows"] == 2
+    assert data["checks"]["9"]["mixed_rel_err_vs_ref_ops"] < 1e-4
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -69,6 +72,15 @@ def test_cpu_run_writes_csv_json_png(bench, tmp_path):
 def test_steer_pattern(bench):
     p = bench.steer_pattern(10, 3)
     assert p.tolist() == [1, 0, 2, 0, 3, 0, 1, 0, 2, 0]
+
+
+def test_fusion_pattern(bench):
+    meta = bench.fusion_pattern(10, 3, 12)
+    assert meta.shape == (5, 12)
+    # start, n, state, slot, count0 of the decodes at t = 1, 5, 9; the rest idle
+    assert meta[:, :3].T.tolist() == [[1, 1, 1, 1, 65], [5, 1, 2, 2, 69], [9, 1, 3, 3, 73]]
+    assert not meta[:, 3:].any()
+    assert bench.fusion_mask(meta, 10).nonzero().flatten().tolist() == [1, 5, 9]
 
 
 def _touch_all_rows(real):
@@ -101,6 +113,36 @@ def test_check_catches_op_that_leaks_into_other_rows(bench, monkeypatch, tmp_pat
         bench.main([*TINY, "--check", f"--out={tmp_path}"])
 
 
+def test_check_catches_fusion_op_that_touches_idle_rows(bench, monkeypatch, tmp_path):
+    real = bench.fusion_mean
+
+    def broken(h, *args):
+        real(h, *args)
+        h.add_(1e-3)
+        return h
+
+    monkeypatch.setattr(bench, "fusion_mean", broken)
+    with pytest.raises(bench.CheckFailed, match="none_steered differs from stock"):
+        bench.main([*TINY, "--check", f"--out={tmp_path}"])
+
+
+def test_check_catches_fusion_op_that_leaks_or_does_nothing(bench, monkeypatch, tmp_path):
+    real = bench.fusion_mean
+
+    def leaky(h, res, table, coef, msum, meta, layer):
+        real(h, res, table, coef, msum, meta, layer)
+        if meta[1, 0] > 0:  # a no-op when idle, touches the plain rows otherwise
+            h[3::4] += 1e-3
+        return h
+
+    monkeypatch.setattr(bench, "fusion_mean", leaky)
+    with pytest.raises(bench.CheckFailed, match="mixed.*changed unsteered rows"):
+        bench.main([*TINY, "--check", f"--out={tmp_path}"])
+    monkeypatch.setattr(bench, "fusion_mean", lambda h, *a: h)
+    with pytest.raises(bench.CheckFailed, match="mixed.*equal stock"):
+        bench.main([*TINY, "--check", f"--out={tmp_path}"])
+
+
 def test_check_catches_steering_that_does_nothing(bench, monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "steer_apply", lambda h, *a: h)
     monkeypatch.setattr(bench, "steer_mlp_act", lambda act, *a: act)
@@ -110,24 +152,26 @@ def test_check_catches_steering_that_does_nothing(bench, monkeypatch, tmp_path):
 
 class _FakeGraph:
     """CPU stand-in for a captured CUDA graph: replay recomputes into a fixed output. With
-    ``baked``, it uses the token_slot seen at "capture" (a graph with constant slots)."""
+    ``baked`` ("token_slot" or "fusion_meta"), it uses that buffer as seen at "capture" (a
+    graph with constant per-step buffers)."""
 
     def __init__(self, p, B, ops, out, baked):
         self.p, self.B, self.ops, self.out = p, B, ops, out
-        self.snapshot = p.token_slot[:B].clone() if baked else None
+        self.buf = {"token_slot": p.token_slot[:B], "fusion_meta": p.fusion_meta}.get(baked)
+        self.snapshot = None if self.buf is None else self.buf.clone()
 
     def replay(self):
-        slot = self.p.token_slot[: self.B]
-        live = slot.clone()
+        live = None if self.buf is None else self.buf.clone()
         if self.snapshot is not None:
-            slot.copy_(self.snapshot)
+            self.buf.copy_(self.snapshot)
         with torch.no_grad():
             self.out.copy_(self.p.step(self.B, self.ops))
-        slot.copy_(live)
+        if live is not None:
+            self.buf.copy_(live)
 
 
-@pytest.mark.parametrize("baked", [False, True])
-def test_graph_check_reads_token_slot_by_address(bench, baked):
+@pytest.mark.parametrize("baked", [None, "token_slot", "fusion_meta"])
+def test_graph_check_reads_per_step_buffers_by_address(bench, baked):
     shapes = bench.Shapes(
         layers=2, hidden=64, intermediate=96, heads=2, kv_heads=1, head_dim=32, kv_len=8, slots=4
     )
@@ -137,14 +181,18 @@ def test_graph_check_reads_token_slot_by_address(bench, baked):
     eager = bench.check_eager(p, B, pattern)
     gp = type("GP", (), {})()
     gp.p, gp.B = p, B
-    gp.out_stock, gp.out_ops = torch.empty(B, 64), torch.empty(B, 64)
-    p.token_slot.zero_()  # "captured" with every slot 0, as GraphPair does
+    gp.out_stock, gp.out_ops, gp.out_mixed = (torch.empty(B, 64) for _ in range(3))
+    p.token_slot.zero_()  # "captured" with every slot 0 and fusion_meta idle, as GraphPair does
+    p.fusion_meta.zero_()
     gp.g_stock = _FakeGraph(p, B, None, gp.out_stock, baked)
     gp.g_ops = _FakeGraph(p, B, bench.live_ops(), gp.out_ops, baked)
+    gp.g_mixed = _FakeGraph(p, B, bench.live_ops(True), gp.out_mixed, baked)
     args = (gp, pattern, torch.zeros_like(pattern), eager, 1e-4)
     if baked:
-        with pytest.raises(bench.CheckFailed, match="equal stock"):
+        match = "equal stock" if baked == "token_slot" else r"\(mixed\).*equal stock"
+        with pytest.raises(bench.CheckFailed, match=match):
             bench.check_graphs(*args)
     else:
         info = bench.check_graphs(*args)
         assert info["steered_rows"] == 4 and info["rel_err_graph_vs_eager_steered"] == 0.0
+        assert info["graph_fusion_rows"] == 2 and info["graph_mixed_rel_err_vs_ref_ops"] == 0.0

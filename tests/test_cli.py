@@ -82,15 +82,10 @@ def test_serve_dry_run_prints_the_vllm_command(model_dir, tmp_path):
     )
     assert r.returncode == 0, r.stderr
     line = r.stdout.strip().splitlines()[-1]
-    for piece in (
-        "RoastLlamaForCausalLM",
-        "roast_vllm.engine.tracker:SteeringBatchTracker",
-        "roast_vllm.engine.scheduler.SteeringScheduler",
-        "--additional-config",
-        "--port 8123",
-        "ROAST_VLLM_CONFIG=",
-    ):
+    for piece in ("--additional-config", '"roast"', f'"v": "{vec}"', "--port 8123"):
         assert piece in line, piece
+    for stale in ("--scheduler-cls", "--logits-processors", "ROAST_VLLM_CONFIG="):
+        assert stale not in line, stale  # the plugin switches these on itself now
     bad = subprocess.run(
         roast_cli("serve", "--model", model_dir, "--vector", "oops", "--dry-run"),
         capture_output=True,
@@ -111,22 +106,23 @@ def test_config_json_roundtrip():
 
 
 @pytest.mark.engine
-def test_fusion_references_then_search(model_dir, tmp_path):
-    """`roast-vllm fusion references` then `search` on 3 TruthfulQA questions, in-process:
-    a reference file with provenance, one searched entry per prompt, trials in the journal
-    given by --storage (two engine starts: CI time)."""
+def test_fusion_references_search_eval(model_dir, tmp_path):
+    """`roast-vllm fusion references`, `search` and `eval` on 4 TruthfulQA questions
+    (part a: 1, part b: 3), in-process: a reference file with provenance, one searched
+    entry per prompt, trials in the journal given by --storage, and the evaluation's
+    table, CSV and PNG with skip_first tuned on part a (three engine starts: CI time)."""
 
     from roast_vllm import envs
     from roast_vllm.methods.fusion import ReferenceSet
 
     data = str(envs.data_dir() / "truthfulqa_dev.csv")
-    common = ["--data", data, "--limit", "3", "--model", model_dir, "--workers", "0", "--quiet"]
+    common = ["--data", data, "--limit", "4", "--model", model_dir, "--workers", "0", "--quiet"]
     eng = ["--max-model-len", "1024", "--kv-cache-gib", "1", "--dtype", "float32"]
     refs_path = tmp_path / "refs.safetensors"
     main(["fusion", "references", *common, "--explain-tokens", "12", "--out", str(refs_path), *eng])
     refs = ReferenceSet.load(refs_path)
-    assert len(refs.ids) == 3 and refs.vectors.shape == (3, 30, 576)
-    assert refs.provenance["data_sha256"] and len(refs.provenance["explanations"]) == 3
+    assert len(refs.ids) == 4 and refs.vectors.shape == (4, 30, 576)
+    assert refs.provenance["data_sha256"] and len(refs.provenance["explanations"]) == 4
     out, journal = tmp_path / "search.json", tmp_path / "search.journal"
     search = ["fusion", "search", *common, "--references", str(refs_path), "--trials", "2"]
     search += ["--max-tokens", "6", "--out", str(out), "--storage", str(journal), *eng]
@@ -135,3 +131,58 @@ def test_fusion_references_then_search(model_dir, tmp_path):
     assert sorted(best) == sorted(refs.ids) and all(b["trials"] == 2 for b in best.values())
     # the journal holds every trial (a rerun resumes from it: tests/test_fusion_search.py)
     assert journal.stat().st_size > 0
+
+    ev = tmp_path / "eval"
+    main(
+        ["fusion", "eval", *common, "--references", str(refs_path), "--trials", "1"]
+        + ["--max-tokens", "6", "--baseline-min-tokens", "4", "--out", str(ev), *eng]
+    )
+    doc = json.loads((ev / "eval.json").read_text())
+    assert doc["settings"]["split"]["part"] == "b" and doc["settings"]["tune_split"] == "a"
+    # skip_first tuned on part a (1 question): both settings tried per mode
+    assert sorted((t["mode"], t["skip_first"]) for t in doc["tuning"]) == [
+        ("full", False),
+        ("full", True),
+        ("segmented", False),
+        ("segmented", True),
+    ]
+    assert all(t["n"] == 1 for t in doc["tuning"])
+    rep = doc["report"]
+    assert list(rep) == ["baseline", "baseline_min_tokens", "full", "segmented"]
+    assert all(s["n"] == 3 for s in rep.values())
+    assert all("vs_answering" in rep[m] and "vs_baseline" in rep[m] for m in ("full", "segmented"))
+    per_q = {e["qid"]: e for e in doc["per_question"]}
+    assert sorted(per_q) == [f"truthfulqa_mc-0000{i}" for i in (0, 1, 2)]
+    for e in per_q.values():
+        assert "params" not in e["baseline"] and isinstance(e["baseline"]["text"], str)
+        assert e["baseline_min_tokens"]["tokens"] >= 4  # never silent
+        for mode in ("full", "segmented"):
+            r = e[mode]
+            assert r["composite"] == pytest.approx(0.5 * r["overlap"] + 0.5 * r["true"])
+            assert len(r["params"]) == (2 if mode == "full" else 6)
+    rows = (ev / "eval.csv").read_text().splitlines()
+    assert rows[0].startswith("condition,") and [r.split(",")[0] for r in rows[1:]] == list(rep)
+    assert (ev / "eval.png").stat().st_size > 0
+
+
+def test_convert_between_safetensors_and_gguf(tmp_path, capsys):
+    """`roast-vllm convert`: ours -> llama.cpp GGUF -> ours, exact; layer 0 needs
+    --drop-layer0; a bad output suffix and an mlp_act vector are refused with a reason."""
+    v = SteeringVector.random(30, 576, layers=[2, 9], seed=5)
+    src = v.save(tmp_path / "v.safetensors")
+    main(["convert", str(src), str(tmp_path / "v.gguf")])
+    main(["convert", str(tmp_path / "v.gguf"), str(tmp_path / "back.safetensors")])
+    assert SteeringVector.load(tmp_path / "back.safetensors") == v
+    assert "layers [2, 9]" in capsys.readouterr().out
+    z = SteeringVector.random(30, 576, layers=[0, 1]).save(tmp_path / "z.safetensors")
+    with pytest.raises(SystemExit):
+        main(["convert", str(z), str(tmp_path / "z.gguf")])
+    assert "--drop-layer0" in capsys.readouterr().err
+    main(["convert", str(z), str(tmp_path / "z.gguf"), "--drop-layer0"])
+    assert SteeringVector.load_gguf(tmp_path / "z.gguf").layers == [1]
+    with pytest.raises(SystemExit):
+        main(["convert", str(src), str(tmp_path / "v.bin")])
+    m = SteeringVector.random(30, 1536, layers=[3], site="mlp_act").save(tmp_path / "m.safetensors")
+    with pytest.raises(SystemExit):
+        main(["convert", str(m), str(tmp_path / "m.gguf")])
+    assert "residual" in capsys.readouterr().err

@@ -418,6 +418,44 @@ def test_fusion_running_mean_across_chunks_steps_moves_and_gaps():
     assert not st._fstates and not st.step_fusion and st.active_slots() == 0
 
 
+def test_fusion_under_async_scheduling_step_pattern():
+    """Async scheduling (vLLM's default on CUDA; resolved off on CPU, so no engine here
+    runs it) schedules step N+1 before step N's tokens are back. What reaches the Fusion
+    bookkeeping: positions from the scheduler's optimistic ``num_computed_tokens`` (equal
+    to the real ones without speculative decoding, which is refused), a request computed
+    for one step past its stop (its token discarded), then dropped by the runner; a
+    request absent for a step and re-added in another row; a preempted one recomputed
+    from 0. The running means stay the definition's, no gap is counted, and the finished
+    request's state is freed."""
+    st, refs = _fusion_state()
+    coefs = {"q1": [0.8] * L, "q2": [0.3] * L}
+    st.set_row(0, SteerSpec("q1", 0.8, mode="fusion"), prompt_len=3)
+    st.set_row(1, SteerSpec("q2", 0.3, mode="fusion"), prompt_len=4)
+    fake = _Stream(st)
+    owners = {0: "q1", 1: "q2"}
+    for batch in ([(0, "q1", 3), (1, "q2", 4)], [(0, "q1", 1), (1, "q2", 1)]):
+        rows, pos, hs, outs = fake.step(batch)
+        _check_rows(fake, st, rows, pos, hs, outs, owners, refs, coefs)
+    # q1 stopped at the step above, but the next step was already scheduled with it: one
+    # more position computed for it (contiguous, so not a gap), then the runner drops it
+    rows, pos, hs, outs = fake.step([(0, "q1", 1), (1, "q2", 1)])
+    _check_rows(fake, st, rows, pos, hs, outs, owners, refs, coefs)
+    st.clear_row(0)
+    rows, pos, hs, outs = fake.step([(1, "q2", 1)], live={"q2"})
+    _check_rows(fake, st, rows, pos, hs, outs, {1: "q2"}, refs, coefs)
+    assert set(st._fstates) == {"q2"}
+    # q2 unscheduled for a step, re-added in row 0 (async resumes keep their positions)
+    st.clear_row(1)
+    fake.step([], live={"q2"})
+    st.set_row(0, SteerSpec("q2", 0.3, mode="fusion"), prompt_len=4)
+    rows, pos, hs, outs = fake.step([(0, "q2", 1)], live={"q2"})
+    _check_rows(fake, st, rows, pos, hs, outs, {0: "q2"}, refs, coefs)
+    # preempted and recomputed from position 0 (prompt + generated so far, one chunk)
+    rows, pos, hs, outs = fake.step([(0, "q2", 9)], restart=("q2",), live={"q2"})
+    _check_rows(fake, st, rows, pos, hs, outs, {0: "q2"}, refs, coefs)
+    assert st.num_fusion_gaps == 0
+
+
 def test_fusion_skip_first_and_gap():
     """``skip_first``: position 0 is neither counted nor injected. A request that resumes
     anywhere but where its sum ended (a prefix-cache hit the scheduler should have

@@ -321,7 +321,13 @@ def score_output(output, ground_truth: str) -> dict:
     lps = [o.logprobs[i][t].logprob for i, t in enumerate(o.token_ids)] if o.logprobs else []
     ov = overlap(o.text, ground_truth)
     ppl = perplexity(lps)
-    return {"overlap": ov, "ppl": ppl, "objective": objective(ov, ppl), "text": o.text}
+    return {
+        "overlap": ov,
+        "ppl": ppl,
+        "objective": objective(ov, ppl),
+        "text": o.text,
+        "tokens": len(o.token_ids),
+    }
 
 
 # ------------------------------------------------------------------ reference files

@@ -158,12 +158,15 @@ def engine_evaluator(
     max_tokens: int = 48,
     skip_first: bool = False,
     progress: bool = False,
+    min_tokens: int = 0,
 ) -> Callable[[list[tuple[str, dict[str, float]]]], list[float]]:
     """``evaluate`` for :func:`search` on a ``roast_vllm`` engine: each trial of a round is
     one Fusion request (``items[key] = (question, ground truth)``; reference
-    ``"<reference_set>/<key>"``; its coefficients, per third or full-layer), all of them one
-    ``generate`` call (greedy, ``max_tokens``), each scored by the search objective. The
-    last round's scores are kept in ``evaluate.last``."""
+    ``"<reference_set>/<key>"``; its coefficients, per third or full-layer; params ``None``:
+    the plain, unsteered request), all of them one ``generate`` call (greedy,
+    ``max_tokens``), each scored by the search objective. The last round's scores (with
+    the output ``text``) are kept in ``evaluate.last``. ``min_tokens``: no end of text
+    before that many tokens (vLLM's ``min_tokens``)."""
     from vllm import SamplingParams
 
     from roast_vllm.methods.fusion import fusion_extra, generation_prompt, score_output
@@ -172,9 +175,15 @@ def engine_evaluator(
         prompts, params = [], []
         for key, p in batch:
             prompts.append(generation_prompt(items[key][0]))
-            extra = fusion_extra(f"{reference_set}/{key}", products_of(p), skip_first)
+            extra = None if p is None else fusion_extra(f"{reference_set}/{key}", products_of(p), skip_first)
             params.append(
-                SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=0, extra_args=extra)
+                SamplingParams(
+                    max_tokens=max_tokens,
+                    min_tokens=min_tokens,
+                    temperature=0.0,
+                    logprobs=0,
+                    extra_args=extra,
+                )
             )
         outs = llm.generate(prompts, params, use_tqdm=progress)
         evaluate.last = [score_output(o, items[k][1]) for o, (k, _) in zip(outs, batch)]
@@ -194,9 +203,28 @@ def search_job(
     seed: int,
     max_tokens: int,
     skip_first: bool = False,
+    study_prefix: str = "fusion",
 ) -> dict[str, dict]:
     """An ``EngineWorker`` job (``"roast_vllm.methods.fusion_search:search_job"``): the
     search of one shard of prompts on this worker's engine (studies are per prompt, so
     shards are independent; they share one journal file)."""
     evaluate = engine_evaluator(w.llm, items, reference_set, max_tokens, skip_first)
-    return search(list(items), evaluate, n_trials, mode, storage, seed, progress=False)
+    return search(list(items), evaluate, n_trials, mode, storage, seed, study_prefix, progress=False)
+
+
+def answers_job(
+    w,
+    items: dict[str, tuple[str, str]],
+    reference_set: str,
+    params: dict[str, dict[str, float] | None],
+    max_tokens: int,
+    skip_first: bool = False,
+    min_tokens: int = 0,
+) -> dict[str, dict]:
+    """An ``EngineWorker`` job (``"roast_vllm.methods.fusion_search:answers_job"``): one
+    greedy answer per key with its parameters (a search's best; ``None``: unsteered), one
+    batch; ``{key: {"text", "overlap", "ppl", "objective"}}``."""
+    evaluate = engine_evaluator(w.llm, items, reference_set, max_tokens, skip_first, min_tokens=min_tokens)
+    batch = list(params.items())
+    evaluate(batch)
+    return {k: r for (k, _), r in zip(batch, evaluate.last)}
