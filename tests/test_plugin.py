@@ -4,6 +4,8 @@ import importlib.metadata as md
 import subprocess
 import sys
 
+import pytest
+
 
 def test_entry_point_declared():
     eps = md.entry_points(group="vllm.general_plugins")
@@ -47,13 +49,27 @@ def test_steered_class_subclasses_stock():
 
 
 # ------------------------------------------------------------------ stock `vllm serve`
+@pytest.fixture
+def clean_env(monkeypatch):
+    """The wrapper sets ROAST_VLLM_CONFIG in os.environ; record its absence first so it
+    is removed again afterwards (later tests' engines and servers inherit the env) and
+    leave the front-end registry empty."""
+    from roast_vllm.engine import registry
+
+    monkeypatch.setenv("ROAST_VLLM_CONFIG", "")
+    monkeypatch.delenv("ROAST_VLLM_CONFIG")
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    yield
+    registry.reset()
+
+
 def _engine_config(model_dir, **kw):
     from vllm.engine.arg_utils import EngineArgs
 
     return EngineArgs(model=model_dir, max_model_len=1024, **kw).create_engine_config()
 
 
-def test_additional_config_alone_switches_steering_on(model_dir, tmp_path, monkeypatch):
+def test_additional_config_alone_switches_steering_on(model_dir, tmp_path, clean_env):
     """What stock `vllm serve MODEL --additional-config '{"roast": {...}}'` builds: the
     plugin's wrapper of EngineArgs.create_engine_config fills in the architecture override,
     the tracker, the scheduler and worker extension, completes the roast entry from the
@@ -66,8 +82,6 @@ def test_additional_config_alone_switches_steering_on(model_dir, tmp_path, monke
     from roast_vllm.engine.tracker import QUALNAME as TRACKER
     from roast_vllm.engine.worker import QUALNAME as WORKER
 
-    monkeypatch.delenv("ROAST_VLLM_CONFIG", raising=False)
-    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
     vec = SteeringVector.random(30, 576, seed=0).save(tmp_path / "v.safetensors")
     roast = {"max_steering_slots": 8, "vectors": {"v": str(vec)}}
     cfg = _engine_config(model_dir, additional_config={"roast": roast, "other": 1})
@@ -94,16 +108,12 @@ def test_additional_config_alone_switches_steering_on(model_dir, tmp_path, monke
         hf_overrides={"rope_theta": 10000.0},
         logits_processors=["vllm.v1.sample.logits_processor:MinPLogitsProcessor"],
     )
-    monkeypatch.delenv("ROAST_VLLM_CONFIG", raising=False)
     assert cfg.model_config.architectures == ["RoastLlamaForCausalLM"]
     assert cfg.model_config.hf_config.rope_theta == 10000.0
     assert cfg.model_config.logits_processors[-1] == TRACKER and len(cfg.model_config.logits_processors) == 2
 
 
-def test_additional_config_bad_input_fails_before_any_engine(model_dir, tmp_path, monkeypatch):
-    import pytest
-
-    monkeypatch.delenv("ROAST_VLLM_CONFIG", raising=False)
+def test_additional_config_bad_input_fails_before_any_engine(model_dir, tmp_path, monkeypatch, clean_env):
     cases = [
         ({"roast": {"slots": 3}}, {}, "unknown roast config keys"),
         ({"roast": "on"}, {}, "must be a JSON object"),
@@ -118,10 +128,15 @@ def test_additional_config_bad_input_fails_before_any_engine(model_dir, tmp_path
     for extra, kw, msg in cases:
         with pytest.raises(ValueError, match=msg):
             _engine_config(model_dir, additional_config=extra, **kw)
-    # a stale ROAST_VLLM_CONFIG that disagrees with the engine's config is refused
+    # a stale ROAST_VLLM_CONFIG (left from the old flags) is replaced by the engine's config,
+    # so the front end validates against what the engine runs
+    import json
+    import os
+
     monkeypatch.setenv("ROAST_VLLM_CONFIG", '{"max_steering_slots": 3}')
-    with pytest.raises(ValueError, match="ROAST_VLLM_CONFIG is set and differs"):
-        _engine_config(model_dir, additional_config={"roast": {}})
+    cfg = _engine_config(model_dir, additional_config={"roast": {}})
+    assert json.loads(os.environ["ROAST_VLLM_CONFIG"]) == cfg.additional_config["roast"]
+    assert cfg.additional_config["roast"]["max_steering_slots"] == 64
 
 
 def test_create_engine_config_is_wrapped_once():
@@ -136,3 +151,16 @@ def test_create_engine_config_is_wrapped_once():
     assert EngineArgs.create_engine_config is first
     assert getattr(first, "__wrapped__", None) is not None
     assert getattr(first.__wrapped__, "_roast_vllm_wrapper", False) is False  # not wrapped twice
+
+
+def test_explicit_registry_wins_over_the_environment(clean_env, monkeypatch):
+    """roast_vllm.LLM sets the front end's registry itself; a ROAST_VLLM_CONFIG in the
+    environment (a server's, inherited) must not replace it on first use."""
+    from roast_vllm.engine import registry
+
+    monkeypatch.setenv("ROAST_VLLM_CONFIG", '{"allow_capture": false, "num_layers": 30}')
+    registry.reset()
+    registry.set_model(30, 1024, "float32", allow_capture=True)
+    assert registry.capture_allowed()
+    registry.reset()  # no explicit model: the environment is the registry
+    assert registry.known() and not registry.capture_allowed()

@@ -21,7 +21,8 @@ Every process sees the same setup: vLLM builds the config once, in the front-end
 and hands it to the engine core and the workers as an object (not rebuilt there; also
 true under spawn). The front end's request validation has no config; it reads
 ``ROAST_VLLM_CONFIG``, which the wrapper sets for this process and its children (a
-different value set by hand is refused, not overwritten). Without a ``roast`` entry the
+different value already there, e.g. left from the flags this plugin used to need, is
+replaced with a warning). Without a ``roast`` entry the
 wrapper does nothing at all.
 """
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sys
 from typing import Any
@@ -36,7 +38,7 @@ from typing import Any
 from roast_vllm.engine.config import CONFIG_KEY, RoastConfig
 
 _MARK = "_roast_vllm_wrapper"
-_env_value: str | None = None  # the ROAST_VLLM_CONFIG this module set last
+logger = logging.getLogger("roast_vllm")
 
 #: ``EngineArgs`` fields ``check_supported`` looks at.
 _CHECKED = (
@@ -173,16 +175,12 @@ def complete(vllm_config) -> None:
     value = json.dumps(cfg.to_dict(), sort_keys=True)
     from roast_vllm import envs
 
-    global _env_value
     current = envs.get("ROAST_VLLM_CONFIG")
-    # one set by hand (or by a parent) must agree; one this wrapper set for an earlier
-    # engine of this process is replaced
-    if current and current != _env_value and RoastConfig.from_env() != cfg:
-        raise ValueError(
-            "ROAST_VLLM_CONFIG is set and differs from --additional-config's roast entry; "
-            "unset it (the plugin sets it from the engine's config)"
-        )
-    os.environ["ROAST_VLLM_CONFIG"] = _env_value = value
+    if current and current != value:
+        # e.g. left in the shell from the flags this plugin used to need: this process's
+        # front end and its children read the engine's own config from now on
+        logger.warning("roast-vllm: replacing ROAST_VLLM_CONFIG with the engine's roast config: %s", value)
+    os.environ["ROAST_VLLM_CONFIG"] = value
     from roast_vllm.engine import registry
 
     registry.reset()  # re-read from the environment on first use

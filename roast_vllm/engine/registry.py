@@ -38,7 +38,8 @@ def set_model(
     allow_capture: bool = False,
     fusion: bool = True,
 ) -> None:
-    global _model
+    global _model, _env_loaded
+    _env_loaded = True  # the caller's model info wins over ROAST_VLLM_CONFIG (read it first: reset())
     _model = ModelInfo(
         num_layers, max_model_len, None if dtype is None else str(dtype), allow_capture, fusion
     )
