@@ -94,54 +94,59 @@ def _broadcast_references(wp, refs, qids) -> None:
         wp.broadcast("ensure_vector", f"ref/{qid}", refs.vector(qid).to_bytes())
 
 
-def _search(wp, items: dict, args, mode: str, skip_first: bool, storage, prefix: str) -> dict[str, dict]:
-    """The per-prompt search of ``items`` (``{qid: (question, best answer)}``) on the
-    pool: one shard of prompts per worker, every round of a shard one batch."""
-    jobs = [
-        (
-            i,
-            "roast_vllm.methods.fusion_search:search_job",
-            (
-                {k: items[k] for k in shard},
-                "ref",
-                args.trials,
-                mode,
-                storage,
-                args.seed,
-                args.max_tokens,
-                skip_first,
-                prefix,
-            ),
-        )
-        for i, shard in enumerate(_shards(list(items), max(args.workers, 1)))
-    ]
-    best: dict[str, dict] = {}
-    for _, r in wp.run(jobs):
-        best.update(r)
-    return best
+def _items(qs) -> dict[str, tuple[str, str]]:
+    """``{qid: (question, best answer)}``: what the search and the answers take."""
+    return {q.qid: (q.question, q.best_answer) for q in qs}
 
 
-def _answers(wp, items: dict, params: dict, args, skip_first: bool, min_tokens: int = 0) -> dict[str, dict]:
-    """One greedy answer per question with its parameters (None: unsteered), sharded."""
-    jobs = [
-        (
-            i,
-            "roast_vllm.methods.fusion_search:answers_job",
-            (
-                {k: items[k] for k in shard},
-                "ref",
-                {k: params[k] for k in shard},
-                args.max_tokens,
-                skip_first,
-                min_tokens,
-            ),
-        )
-        for i, shard in enumerate(_shards(list(items), max(args.workers, 1)))
-    ]
+def _sharded(wp, job: str, items: dict, workers: int, job_args) -> dict[str, dict]:
+    """Run ``job`` on the pool over one shard of ``items`` per worker
+    (``job_args(shard)``: the job's arguments) and merge the per-key results."""
+    jobs = [(i, job, job_args(shard)) for i, shard in enumerate(_shards(list(items), max(workers, 1)))]
     out: dict[str, dict] = {}
     for _, r in wp.run(jobs):
         out.update(r)
     return out
+
+
+def _search(wp, items: dict, args, mode: str, skip_first: bool, storage, prefix: str) -> dict[str, dict]:
+    """The per-prompt search of ``items`` (``{qid: (question, best answer)}``) on the
+    pool: one shard of prompts per worker, every round of a shard one batch."""
+    return _sharded(
+        wp,
+        "roast_vllm.methods.fusion_search:search_job",
+        items,
+        args.workers,
+        lambda shard: (
+            {k: items[k] for k in shard},
+            "ref",
+            args.trials,
+            mode,
+            storage,
+            args.seed,
+            args.max_tokens,
+            skip_first,
+            prefix,
+        ),
+    )
+
+
+def _answers(wp, items: dict, params: dict, args, skip_first: bool, min_tokens: int = 0) -> dict[str, dict]:
+    """One greedy answer per question with its parameters (None: unsteered), sharded."""
+    return _sharded(
+        wp,
+        "roast_vllm.methods.fusion_search:answers_job",
+        items,
+        args.workers,
+        lambda shard: (
+            {k: items[k] for k in shard},
+            "ref",
+            {k: params[k] for k in shard},
+            args.max_tokens,
+            skip_first,
+            min_tokens,
+        ),
+    )
 
 
 def cmd_search(args) -> None:
@@ -149,9 +154,8 @@ def cmd_search(args) -> None:
     from roast_vllm.runtime.pool import WorkerPool
 
     refs = ReferenceSet.load(args.references)
-    qs = {q.qid: q for q in _questions(args)}
-    _check_covered(refs, qs, args.references)
-    items = {k: (q.question, q.best_answer) for k, q in qs.items()}
+    items = _items(_questions(args))
+    _check_covered(refs, items, args.references)
     eng, pool = engine_options(args)
     storage = str(Path(args.storage).resolve()) if args.storage else None
     with WorkerPool(eng, pool) as wp:
@@ -211,9 +215,6 @@ def cmd_eval(args) -> None:
             f"({args.max_tokens})"
         )
 
-    def items_of(qs):
-        return {q.qid: (q.question, q.best_answer) for q in qs}
-
     eng, pool = engine_options(args)
     storage = str(Path(args.storage).resolve()) if args.storage else None
     stages = (2 * len(modes) if tune else 0) + 1 + bool(args.baseline_min_tokens) + len(modes)
@@ -221,7 +222,7 @@ def cmd_eval(args) -> None:
     tuning, chosen, rows_of = [], {}, {}
 
     def condition(qs, part, mode, skip):
-        items = items_of(qs)
+        items = _items(qs)
         best = _search(wp, items, args, mode, skip, storage, f"eval-{part}-skip{int(skip)}")
         params = {k: best[k]["params"] for k in items if best[k]["params"] is not None}
         rows = _answers(wp, {k: items[k] for k in params}, params, args, skip)
@@ -244,7 +245,7 @@ def cmd_eval(args) -> None:
                 scored[skip] = (s["accuracy"], s["composite"])
             chosen[mode] = scored[True] > scored[False]
         bar.set_postfix_str("baseline")
-        items = items_of(report_qs)
+        items = _items(report_qs)
         base_rows = _answers(wp, items, dict.fromkeys(items), args, False)
         rows_of["baseline"] = fe.judge_rows(base_rows, report_qs, judge)
         bar.update(1)

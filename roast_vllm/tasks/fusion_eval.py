@@ -26,6 +26,7 @@ steering can do, as in the paper, not a deployable question answerer.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -112,11 +113,9 @@ def paired(rows: dict[str, dict], other: dict[str, dict]) -> dict:
 
 
 def _median(xs: list[float]) -> float:
-    xs = sorted(x for x in xs if math.isfinite(x))
-    if not xs:
-        return float("nan")
-    m = len(xs) // 2
-    return xs[m] if len(xs) % 2 else 0.5 * (xs[m - 1] + xs[m])
+    """Median of the finite values (an empty answer's PPL is inf); nan if none."""
+    xs = [x for x in xs if math.isfinite(x)]
+    return statistics.median(xs) if xs else float("nan")
 
 
 CSV_FIELDS = (
