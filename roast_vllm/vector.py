@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import math
 import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 #: Activation sites a vector can target. ``residual``: the residual stream after a
@@ -237,12 +239,16 @@ class SteeringVector:
 
     @classmethod
     def load(cls, path: str | Path) -> SteeringVector:
-        """Read a file written by :meth:`save`. Never unpickles anything."""
+        """Read a file written by :meth:`save`, or a llama.cpp / repeng control-vector GGUF
+        (:meth:`load_gguf`, told apart by its magic bytes). Never unpickles anything."""
         from safetensors import SafetensorError, safe_open
 
         path = Path(path)
         if not path.is_file():
             raise SteeringVectorError(f"vector file {str(path)!r} does not exist")
+        with open(path, "rb") as fh:
+            if fh.read(4) == b"GGUF":
+                return cls.load_gguf(path)
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
@@ -375,6 +381,118 @@ class SteeringVector:
         except TypeError as e:
             raise SteeringVectorError(f"{path}: bad metadata ({e})") from e
 
+    # ------------------------------------------------------- repeng ControlVector
+    @classmethod
+    def from_repeng(
+        cls,
+        control_vector: Any,
+        layers: Iterable[int] | None = None,
+        *,
+        num_layers: int | None = None,
+        model_id: str | None = None,
+    ) -> SteeringVector:
+        """A residual-stream vector from repeng's ``ControlVector`` (duck-typed: anything with
+        ``model_type: str`` and ``directions: {layer: array[hidden]}``; repeng is not imported).
+
+        Numbering is the same as ours, no shift: repeng's ``ControlModel`` replaces
+        ``model.model.layers[i]`` with a ``ControlModule`` whose forward is
+        ``output = self.block(*args, **kwargs)`` then ``modified = self.params.operator(modified,
+        control * mask)`` (``current + control``) on that output, with ``control = coeff *
+        directions[i]`` from ``set_control``: ``directions[i]`` is added to the output of
+        block ``i`` (0-based), exactly where this project adds ``scale * directions[i]``.
+        (``ControlVector.train`` reads ``out.hidden_states[layer + 1]``, the same block's
+        output.) ``ControlModel(model, layer_ids).set_control(cv, coeff)`` is therefore
+        ``SteeringVector.from_repeng(cv, layer_ids, num_layers=L)`` at ``steer_scale=coeff``
+        (repeng's mask spares only left padding: every position is steered, our default
+        ``steer_positions="all"``).
+
+        ``layers``: keep only these layers, as ``ControlModel``'s ``layer_ids`` (negative ids
+        count from ``num_layers``, which they then need); default all of them. Directions
+        become float32 (what the engine adds): bit-exact for repeng's own float32 vectors
+        (``train``, ``import_gguf``). A vector made by :meth:`to_repeng` and not changed
+        since gets this project's metadata back (the round trip is exact); otherwise
+        ``model_id`` defaults to ``model_type`` (as :meth:`load_gguf` does with repeng's
+        ``model_hint``) and the model type is kept in ``provenance`` for :meth:`to_repeng`.
+        """
+        try:
+            model_type, raw = control_vector.model_type, control_vector.directions
+        except AttributeError as e:
+            raise SteeringVectorError(
+                f"not a repeng ControlVector ({type(control_vector).__name__} has no model_type / directions)"
+            ) from e
+        if not isinstance(raw, dict):
+            raise SteeringVectorError(f"ControlVector.directions must be a dict, got {type(raw).__name__}")
+        directions = {}
+        for l, d in raw.items():
+            try:
+                # a copy: repeng's arrays (a read-only GGUF memmap after import_gguf) stay
+                # theirs; float32 arrays are taken bit for bit
+                directions[l] = torch.tensor(np.asarray(d))
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise SteeringVectorError(
+                    f"ControlVector direction {l!r} is not a numeric array ({e})"
+                ) from e
+        if layers is not None:
+            picked = {}
+            for i in layers:
+                if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+                    raise SteeringVectorError(f"layer ids must be ints, got {i!r}")
+                if i < 0:
+                    if num_layers is None:
+                        raise SteeringVectorError(
+                            f"layer id {i} counts from the end: pass num_layers (the model's layer count)"
+                        )
+                    i += num_layers
+                if i not in directions:
+                    raise SteeringVectorError(
+                        f"the ControlVector has no direction for layer {i} (it has {sorted(directions)})"
+                    )
+                picked[int(i)] = directions[i]
+            directions = picked
+        meta: dict[str, Any] = {
+            "model_id": model_type if model_id is None else model_id,
+            "method": "repeng",
+            "provenance": {"source": "repeng ControlVector", "repeng_model_type": model_type},
+        }
+        vec = cls(directions=directions, num_layers=num_layers, **meta)
+        ours = getattr(control_vector, _REPENG_META_ATTR, None)
+        if isinstance(ours, dict) and ours.get("digest") == vec.digest():
+            info = json.loads(ours["metadata"])
+            info.pop("format_version", None)
+            if num_layers is not None:
+                info["num_layers"] = num_layers
+            if model_id is not None:
+                info["model_id"] = model_id
+            vec = cls(directions=vec.directions, **info)
+        return vec
+
+    def to_repeng(self, model_type: str | None = None) -> Any:
+        """repeng's ``ControlVector`` with these directions (float32 numpy copies, same layer
+        numbering: see :meth:`from_repeng`), for ``ControlModel.set_control`` or
+        ``export_gguf``. ``model_type`` (repeng's ``model.config.model_type``, written as
+        the GGUF ``model_hint``) defaults to the one :meth:`from_repeng` recorded, or the
+        ``model_hint`` of a foreign GGUF file :meth:`load_gguf` read, else ``"llama"`` (as
+        :meth:`save_gguf`). This project's metadata rides along as an extra
+        attribute, so :meth:`from_repeng` gives back an equal vector while the directions
+        are unchanged (repeng's arithmetic makes new objects without it). Residual-stream
+        vectors only. Needs repeng (``pip install --no-deps repeng``)."""
+        if self.site != "residual":
+            raise SteeringVectorError(
+                f"repeng's ControlModel steers the residual stream; this is a {self.site} vector"
+            )
+        repeng = _import_repeng()
+        if model_type is None:
+            model_type = self.provenance.get("repeng_model_type")
+        if model_type is None and self.method == "llama.cpp control vector":
+            model_type = self.model_id  # load_gguf put a foreign file's model_hint there
+        if model_type is None:
+            model_type = "llama"
+        cv = repeng.ControlVector(
+            model_type=model_type, directions={l: t.numpy().copy() for l, t in self.directions.items()}
+        )
+        setattr(cv, _REPENG_META_ATTR, {"digest": self.digest(), "metadata": json.dumps(self._meta())})
+        return cv
+
     # ------------------------------------------------------------- helpers
     def dense(self, num_layers: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``Tensor[num_layers, dim]`` with zeros on layers the vector does not have."""
@@ -394,3 +512,26 @@ class SteeringVector:
         meta.setdefault("method", "random")
         meta.setdefault("provenance", {"seed": seed})
         return cls(directions=dirs, num_layers=num_layers, **meta)
+
+
+#: Attribute of a ``ControlVector`` made by ``to_repeng`` that carries this project's metadata.
+_REPENG_META_ATTR = "roast_vllm_metadata"
+
+
+def _import_repeng():
+    """Import repeng, or say how to install it. repeng 0.4.0 (the newest release) pins
+    ``numpy<2`` and names ``np.float_`` in annotations evaluated when it is imported; NumPy 2
+    (which vLLM needs) removed that alias of ``np.float64``, so it is put back when absent
+    (the very object NumPy 1 had; repeng uses it in type hints only)."""
+    if not hasattr(np, "float_"):
+        np.float_ = np.float64
+    try:
+        import repeng
+    except ModuleNotFoundError as e:
+        if e.name != "repeng":
+            raise
+        raise ImportError(
+            "repeng is not installed: pip install --no-deps repeng (its numpy<2 pin conflicts "
+            "with vLLM's numpy 2; its other dependencies come with roast-vllm and scikit-learn)"
+        ) from e
+    return repeng

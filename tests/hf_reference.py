@@ -208,6 +208,82 @@ def check_mlp_act(llm, hf_model, positions: str) -> list[dict]:
     return check_batch(llm, hf_model, SCOPE_PROMPTS[:3], [(vec, spec)] * 3)
 
 
+# ------------------------------------------------------------------ multi-vector requests
+def combination_near_misses(vecs: dict, spec: SteerSpec) -> dict:
+    """A combination's near misses: each term's scale times ``SCALE_STEP``, each term left
+    out, every term's layers shifted by +1."""
+    out = {}
+    for i, t in enumerate(spec.terms):
+        stepped = dataclasses.replace(t, scale=t.scale * SCALE_STEP)
+        out[f"term {i} scale x{SCALE_STEP}"] = (
+            vecs,
+            dataclasses.replace(spec, terms=_swap(spec.terms, i, stepped)),
+        )
+        rest = spec.terms[:i] + spec.terms[i + 1 :]
+        out[f"without term {i}"] = (vecs, dataclasses.replace(spec, terms=rest))
+    shifted_vecs, shifted = {}, []
+    for t in spec.terms:
+        v = vecs[t.vector]
+        layers = t.layers if t.layers is not None else tuple(v.layers)
+        moved = {l + 1: v.directions[l] for l in layers if l + 1 < v.num_layers}
+        name = f"{t.vector}+1"
+        shifted_vecs[name] = SteeringVector(directions=moved, num_layers=v.num_layers, site=v.site)
+        shifted.append(dataclasses.replace(t, vector=name, layers=tuple(sorted(moved))))
+    out["layers +1"] = (shifted_vecs, dataclasses.replace(spec, terms=tuple(shifted)))
+    return out
+
+
+def _swap(terms, i, t):
+    return terms[:i] + (t,) + terms[i + 1 :]
+
+
+def check_combination(llm, hf_model) -> list[dict]:
+    """Multi-vector requests (``steer_vectors``) in one batch with a single-vector request
+    and a plain one: two residual vectors (one on its own layers, one scope), and a
+    residual + ``mlp_act`` pair. Each is the reference of the *sum* of its terms, not of a
+    near miss (a term's scale 10% off, a term left out, layers shifted) nor unsteered."""
+    from roast_vllm.engine.spec import parse_steer_args
+
+    a, b = residual_vector(llm, seed=111), residual_vector(llm, seed=112, layers=list(range(5, 25)))
+    m = mlp_vector(llm, seed=113, layers=list(range(6, 20)))
+    vecs = {"cmb_a": a, "cmb_b": b, "cmb_m": m}
+    for name, v in vecs.items():
+        _register(llm, name, v)
+    extras = [
+        {"steer_vectors": "cmb_a:4,cmb_b:-5@8-20"},
+        {"steer_vector": "cmb_a", "steer_scale": 4.0},
+        None,
+        {
+            "steer_vectors": [{"name": "cmb_a", "scale": 3.0}, {"name": "cmb_m", "scale": 2.5}],
+            "steer_positions": "generated",
+        },
+        {"steer_vectors": "cmb_b:6,cmb_a:-2@2-27", "steer_positions": "last_prompt_and_generated"},
+    ]
+    prompts = [SCOPE_PROMPTS[i % len(SCOPE_PROMPTS)] for i in range(len(extras))]
+    outs = llm.generate(prompts, [_sp(e) for e in extras], use_tqdm=False)
+    reports = []
+    for i, (o, e) in enumerate(zip(outs, extras)):
+        if e is None or "steer_vectors" not in e:
+            continue
+        spec = parse_steer_args(e)
+        err, gaps = lp_errors(hf_model, o, vecs, spec)
+        right = float(err.mean())
+        assert right <= MEAN_LP_TOL and float(err.max()) <= MAX_LP_TOL, (e, right, float(err.max()))
+        assert float(gaps.max()) <= HF_TIE_NATS, (e, float(gaps.max()))
+        rep = {"request": i, "extra": e, "right": round(right, 5)}
+        for name, (v, s) in {**combination_near_misses(vecs, spec), "unsteered": (None, None)}.items():
+            wrong = float(lp_errors(hf_model, o, v, s)[0].mean())
+            rep[name] = round(wrong, 5)
+            assert wrong > MEAN_LP_TOL and wrong > 2 * right, (
+                f"request {i} {e}: the near miss '{name}' explains vLLM's log-probs as well "
+                f"(mean error {wrong:.4f} vs {right:.4f})"
+            )
+        reports.append(rep)
+        print("combination check:", rep)
+    assert len(reports) == 3
+    return reports
+
+
 # ------------------------------------------------------------------ Fusion Steering
 FUSION_QA = [
     (

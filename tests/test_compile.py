@@ -302,3 +302,12 @@ def test_steering_holds_under_full_graph_replay_emulation(llm):
     assert sum(sum(v) for v in by_config.values()) >= len(steered) // 2, by_config
     assert after["steps_prepared"] - before["steps_prepared"] >= 20  # the hook ran every step
     assert after["slot_reuses"] > before["slot_reuses"]  # freed slots were reused
+
+
+def test_multi_vector_requests_match_the_sum_compiled(llm, hf_model):
+    """``steer_vectors`` combinations (two residual vectors; residual + mlp_act) in one
+    batch with single and plain requests: each is its transformers reference of the sum of
+    its terms and none of its near misses (tests/hf_reference.py)."""
+    from hf_reference import check_combination
+
+    check_combination(llm, hf_model)

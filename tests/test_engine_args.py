@@ -281,7 +281,17 @@ def test_serve_command_includes_the_vllm_options(model_dir):
     for flag in ("--scheduler-cls", "--worker-extension-cls", "--logits-processors"):
         assert flag not in cmd
     assert json.loads(cmd[cmd.index("--hf-overrides") + 1]) == HF  # the user's, as given
-    assert env == {}
+    # the registry API is a vLLM endpoint plugin: loaded only when VLLM_PLUGINS names it
+    assert "roast_vllm" in env["VLLM_PLUGINS"].split(",") and set(env) == {"VLLM_PLUGINS"}
+
+
+def test_plugins_env_keeps_other_plugins():
+    from roast_vllm.cli.serve import plugins_env
+
+    assert plugins_env("other,roast_vllm") == "other,roast_vllm"
+    assert plugins_env("other") == "other,roast_vllm"
+    # unset: every installed general plugin stays on (VLLM_PLUGINS is also their allowlist)
+    assert "roast_vllm" in plugins_env(None).split(",")
 
 
 def test_serve_command_defaults(model_dir, monkeypatch):

@@ -206,6 +206,15 @@ def test_side_by_side_matches_transformers_hooks(llm, hf_model):
     check_side_by_side(llm, hf_model)
 
 
+def test_multi_vector_requests_match_the_sum(llm, hf_model):
+    """``steer_vectors`` combinations (two residual vectors; residual + mlp_act) in one
+    batch with single and plain requests: each is the transformers reference of the sum of
+    its terms, not of a near miss (a term's scale 10% off, a term left out, layers shifted)."""
+    from hf_reference import check_combination
+
+    check_combination(llm, hf_model)
+
+
 def test_fusion_matches_transformers_reference(llm, hf_model):
     """Fusion Steering per request (full-layer, per third, skip_first; the long prompt
     prefilled in chunks of 256 tokens, then decoded) beside additive and plain requests:

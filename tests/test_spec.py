@@ -197,3 +197,92 @@ def test_capture_from_key():
     for bad in (-1, 1.5, True, "3"):
         with pytest.raises(SteeringRequestError, match="prompt position"):
             check_internal_keys({"roast_capture": "c", "roast_capture_from": bad}, capture_allowed=True)
+
+
+# ---------------------------------------------------------------- multi-vector requests
+_COMBO = [{"name": "a", "scale": 0.5}, {"name": "b", "scale": -0.3, "layers": [3, 4, 5, 9]}]
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        _COMBO,
+        "a:0.5,b:-0.3@3-5+9",
+        " a:0.5 , b:-0.3@3-5+9 ",
+        ["a:0.5", "b:-0.3@3-5+9"],  # vllm_xargs: a list of strings
+        '[{"name": "a", "scale": 0.5}, {"name": "b", "scale": "-0.3", "layers": "3,4,5,9"}]',
+    ],
+    ids=["objects", "compact", "compact-spaces", "strings", "json-string"],
+)
+def test_steer_vectors_forms_parse_to_one_combination(form):
+    spec = parse_steer_args({"steer_vectors": form, "steer_positions": "generated"})
+    assert [(t.vector, t.scale, t.layers) for t in spec.terms] == [
+        ("a", 0.5, None),
+        ("b", -0.3, (3, 4, 5, 9)),
+    ]
+    assert spec.positions == "generated" and spec.scale == 1.0 and spec.layers is None
+    # the compact label reads back to the same combination: one slot key, one cache salt
+    again = parse_steer_args({"steer_vectors": spec.vector, "steer_positions": "generated"})
+    assert again.slot_key == spec.slot_key and again.cache_salt(7) == spec.cache_salt(7)
+
+
+def test_combinations_differ_by_any_term():
+    base = parse_steer_args({"steer_vectors": "a:0.5,b:-0.3"})
+    for other in ("a:0.5,b:-0.31", "a:0.5,b:-0.3@1", "a:0.5,c:-0.3", "b:-0.3,a:0.5", "a:0.5"):
+        o = parse_steer_args({"steer_vectors": other})
+        assert o.slot_key != base.slot_key and o.cache_salt(5) != base.cache_salt(5), other
+
+
+def test_one_entry_steer_vectors_is_the_single_vector_request():
+    one = parse_steer_args({"steer_vectors": [{"name": "a", "scale": 2.0, "layers": [1, 2]}]})
+    single = parse_steer_args({"steer_vector": "a", "steer_scale": 2.0, "steer_layers": [1, 2]})
+    assert one == single and one.slot_key == single.slot_key
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ({"steer_vectors": "a:0.5,b:1", "steer_vector": "a"}, "steer_vectors or steer_vector"),
+        ({"steer_vectors": "a:0.5,b:1", "steer_scale": 2}, "steer_vectors or steer_scale"),
+        ({"steer_vectors": "a:0.5,b:1", "steer_layers": [1]}, "steer_vectors or steer_layers"),
+        ({"steer_vectors": "a:0.5,b:1", "steer_mode": "fusion"}, "additive only"),
+        ({"steer_vectors": []}, "must list 1..16"),
+        ({"steer_vectors": ",".join(f"v{i}" for i in range(17))}, "must list 1..16"),
+        ({"steer_vectors": "a:0.5,b:x"}, r"steer_vectors\[1\] scale must be a number"),
+        ({"steer_vectors": "a:0.5,b:inf"}, "finite"),
+        ({"steer_vectors": "a:0.5,b:1@5-3"}, "lo <= hi"),
+        ({"steer_vectors": "a:0.5,b:1@x"}, "non-negative ints"),
+        ({"steer_vectors": [{"name": "a"}, {"vector": "b"}]}, r"steer_vectors\[1\]: unknown keys"),
+        ({"steer_vectors": [{"name": "a"}, 3]}, r"steer_vectors\[1\] must be"),
+        ({"steer_vectors": "[{bad json"}, "not valid JSON"),
+        ({"steer_vectors": "a,:2"}, "vector name must be"),
+        ({"steer_vectors": "a,b", "roast_vector_digest": "0123456789abcdef"}, "front end"),
+    ],
+    ids=lambda x: x if isinstance(x, str) else None,
+)
+def test_bad_steer_vectors(args, match):
+    with pytest.raises(SteeringRequestError, match=match):
+        parse_steer_args(args)
+
+
+def test_combination_digests_one_per_vector():
+    d = "0123456789abcdef,fedcba9876543210"
+    spec = parse_steer_args({"steer_vectors": "a,b", "roast_vector_digest": d})
+    assert spec.digests == ("0123456789abcdef", "fedcba9876543210")
+
+
+def test_check_against_checks_every_term_and_the_sum():
+    vecs = {
+        "a": VectorInfo(layers=(0, 1, 2), dim=576, site="residual", max_abs=1.0),
+        "m": VectorInfo(layers=(1,), dim=1536, site="mlp_act", max_abs=2.0),
+    }
+    check_against(parse_steer_args({"steer_vectors": "a:0.5,m:-1@1"}), vecs, 30)  # both sites: fine
+    with pytest.raises(
+        SteeringRequestError, match=r"steer_vectors\[1\] \('w'\): .*unknown steering vector 'w'"
+    ):
+        check_against(parse_steer_args({"steer_vectors": "a:0.5,w:1"}), vecs, 30)
+    with pytest.raises(SteeringRequestError, match=r"steer_vectors\[1\] \('m'\): steer_layers \[2\]"):
+        check_against(parse_steer_args({"steer_vectors": "a:0.5,m:1@2"}), vecs, 30)
+    # each term alone within fp16's bound, together not
+    with pytest.raises(SteeringRequestError, match="together would add up to 6e\\+03"):
+        check_against(parse_steer_args({"steer_vectors": "a:3000,m:1500"}), vecs, 30, dtype="float16")

@@ -491,3 +491,75 @@ def test_fusion_refused_where_it_cannot_apply():
     a = st.acquire(SteerSpec("q1", 0.5))
     f = st.acquire(SteerSpec("q1", 0.5, mode="fusion"))
     assert a != f and st.fusion_coef[:, a].abs().sum() == 0 and st.fusion_coef[:, f].tolist() == [0.5] * L
+
+
+# ---------------------------------------------------------------- multi-vector requests
+def _combo(text):
+    from roast_vllm.engine.spec import parse_steer_args
+
+    return parse_steer_args({"steer_vectors": text})
+
+
+def test_combination_fills_one_slot_with_the_sum_of_its_terms(st):
+    """``a:0.5,b:-2@2-3``: layer l's row is 0.5 * a_l + (-2) * b_l on b's layers, scale 1;
+    the same combination shares the slot, another one gets its own."""
+    i = st.acquire(_combo("a:0.5,b:-2@2-3"))
+    assert st.slot_scale[i] == 1.0 and st.active_slots() == 1
+    a = {1: 1.0, 2: 2.0}
+    for l in range(L):
+        want = 0.5 * a.get(l, 0.0) + (2.0 if l in (2, 3) else 0.0)  # b is -1 everywhere
+        assert torch.equal(st.table[l, i], torch.full((H,), want)), l
+    assert st.acquire(_combo("a:0.5,b:-2@2-3")) == i and st.active_slots() == 1
+    j = st.acquire(_combo("a:0.5,b:-2@2"))
+    assert j != i and st.active_slots() == 2
+    for k in (i, i, j):
+        st.release(k)
+    assert st.active_slots() == 0 and st.table.count_nonzero() == 0
+
+
+def test_combination_is_applied_as_the_sum(st):
+    """The op adds sum_i s_i v_i to a steered token (fp32) and nothing to the others."""
+    st.set_row(0, _combo("a:0.5,b:-2"), prompt_len=2)
+    st.set_row(1, SteerSpec("a", 0.5), prompt_len=2)
+    st.prepare_step(torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 0, 0]), num_tokens=4)
+    h = torch.randn(4, H)
+    out = st.apply(2, h.clone())
+    assert torch.equal(out[0], h[0] + (0.5 * 2.0 + 2.0)) and torch.equal(out[1], h[1] + 3.0)
+    assert torch.equal(out[2], h[2] + 0.5 * 2.0) and torch.equal(out[3], h[3])
+
+
+def test_combination_of_both_sites_steers_both(st_mlp):
+    """A combination of a residual and an mlp_act vector is one slot in both tables; its
+    tokens are in both sites' token maps."""
+    st_mlp.set_row(0, _combo("r:2,m:-1"), prompt_len=1)
+    st_mlp.set_row(1, SteerSpec("m", 1.0), prompt_len=1)
+    i, j = st_mlp.row_slot_cpu[0].item(), st_mlp.row_slot_cpu[1].item()
+    assert (st_mlp.slot_res[i], st_mlp.slot_mlp[i]) == (1, 1) and (
+        st_mlp.slot_res[j],
+        st_mlp.slot_mlp[j],
+    ) == (0, 1)
+    assert torch.equal(st_mlp.table[1, i], torch.full((H,), 2.0))
+    assert torch.equal(st_mlp.mlp_table[1, i], -torch.arange(I, dtype=torch.float32))
+    st_mlp.prepare_step(torch.tensor([0, 1, 2]), torch.tensor([0, 0, 0]), num_tokens=3)
+    assert st_mlp.token_slot[:3].tolist() == [i, 0, 0]
+    assert st_mlp.mlp_token_slot[:3].tolist() == [i, j, 0]
+    assert st_mlp.step_steered_residual and st_mlp.step_steered_mlp
+    st_mlp.clear_row(0)
+    st_mlp.clear_row(1)
+    assert st_mlp.slot_res.count_nonzero() == 0 and st_mlp.slot_mlp.count_nonzero() == 0
+
+
+def test_combination_pins_each_vectors_version(st):
+    """Re-registering one of its vectors changes only combinations submitted after it."""
+    old = st.names["a"]
+    spec = _combo("a:1,b:1")
+    import dataclasses
+
+    pinned = dataclasses.replace(spec, digest=f"{old},{st.names['b']}")
+    st.register_vector("a", SteeringVector(directions={1: 10 * torch.ones(H)}))
+    i = st.acquire(pinned)
+    assert torch.equal(st.table[1, i], torch.full((H,), 1.0 - 1.0))  # old a_1 = 1, b = -1
+    k = st.acquire(_combo("a:1,b:1"))  # the current version
+    assert k != i and torch.equal(st.table[1, k], torch.full((H,), 10.0 - 1.0))
+    with pytest.raises(SteeringVectorError, match="unknown steering vector 'c'"):
+        st.acquire(_combo("a:1,c:1"))

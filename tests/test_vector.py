@@ -180,3 +180,13 @@ def test_gguf_refuses_layer0_and_other_sites_and_reads_foreign_files(tmp_path):
     wm.close()
     with pytest.raises(SteeringVectorError, match="not a control vector"):
         SteeringVector.load_gguf(tmp_path / "model.gguf")
+
+
+def test_load_reads_gguf_control_vectors_too(tmp_path):
+    """``load`` (config ``vectors``, ``--vector``, ``register_vector`` paths) takes a
+    llama.cpp / repeng GGUF file as well, whatever its suffix."""
+    v = SteeringVector.random(30, 576, layers=list(range(1, 30)), seed=4)
+    path = v.save_gguf(tmp_path / "cv.gguf")
+    assert SteeringVector.load(path) == v
+    renamed = path.rename(tmp_path / "cv.bin")
+    assert SteeringVector.load(renamed) == v

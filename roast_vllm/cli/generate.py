@@ -21,26 +21,46 @@ def cmd_generate(args) -> None:
         prompts += read_prompts(args.prompts_file)
     if not prompts:
         raise SystemExit("error: give a prompt, several, or --prompts-file FILE")
-    if args.compare and not args.vector:
+    vectors = _named_vectors(args.vector or [])
+    if args.compare and not vectors:
         raise SystemExit("error: --compare needs --vector")
+    if args.steer and not vectors:
+        raise SystemExit("error: --steer combines vectors given with --vector NAME=PATH")
+    if len(vectors) > 1 and not args.steer:
+        raise SystemExit(
+            "error: several --vector files: say how to combine them with --steer, e.g. "
+            f"--steer '{','.join(f'{n}:1.0' for n in vectors)}'"
+        )
     model = args.model or default_model()
     kw = engine_kwargs_for(args, max_model_len=args.max_model_len, seed=args.seed)
     if args.eager:
         kw.setdefault("enforce_eager", True)
     # only requests that sample (temperature > 0) use their seed; greedy ones are unseeded
     kw = step_bounds(kw, seeded=args.temperature > 0)
-    vectors = {"cli": args.vector} if args.vector else None
-    llm = roast_vllm.LLM(model, vectors=vectors, **kw)
+    llm = roast_vllm.LLM(model, vectors=vectors or None, **kw)
     if args.chat:
         prompts_in = chat_prompts(llm.get_tokenizer(), prompts)
     else:
         prompts_in = prompts
     base = dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     steer = None
-    if args.vector:
-        steer = {"steer_vector": "cli", "steer_scale": args.scale, "steer_positions": args.positions}
+    if args.steer:
+        steer = {"steer_vectors": args.steer, "steer_positions": args.positions}
+    elif vectors:
+        steer = {
+            "steer_vector": next(iter(vectors)),
+            "steer_scale": args.scale,
+            "steer_positions": args.positions,
+        }
         if args.layers:
             steer["steer_layers"] = parse_layers(args.layers)
+    if steer is not None:
+        from roast_vllm.engine.spec import SteeringRequestError, parse_steer_args
+
+        try:
+            parse_steer_args(steer)
+        except SteeringRequestError as e:
+            raise SystemExit(f"error: {e}") from None
     params = []
     if args.compare:
         params = [SamplingParams(**base)] * len(prompts) + [SamplingParams(**base, extra_args=steer)] * len(
@@ -54,8 +74,9 @@ def cmd_generate(args) -> None:
     for i, p in enumerate(prompts):
         if args.compare:
             rec = {"prompt": p, "unsteered": outs[i].outputs[0].text, "steered": outs[n + i].outputs[0].text}
+            how = args.steer or f"scale {args.scale}"
             print(
-                f"=== {p}\n--- unsteered\n{rec['unsteered'].strip()}\n--- steered (scale {args.scale})\n{rec['steered'].strip()}\n"
+                f"=== {p}\n--- unsteered\n{rec['unsteered'].strip()}\n--- steered ({how})\n{rec['steered'].strip()}\n"
             )
         else:
             rec = {"prompt": p, "output": outs[i].outputs[0].text}
@@ -66,6 +87,18 @@ def cmd_generate(args) -> None:
         print(f"wrote {args.out}")
 
 
+def _named_vectors(items: list[str]) -> dict[str, str]:
+    """``--vector`` values, ``NAME=PATH`` or ``PATH`` (named after the file's stem)."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, eq, path = item.partition("=")
+        name, path = (name, path) if eq else (Path(item).stem, item)
+        if name in out:
+            raise SystemExit(f"error: two --vector files named {name!r}; write NAME=PATH")
+        out[name] = path
+    return out
+
+
 def add_commands(sub) -> None:
     from roast_vllm.engine.spec import POSITIONS
 
@@ -73,8 +106,18 @@ def add_commands(sub) -> None:
     s.add_argument("prompt", nargs="*")
     s.add_argument("--prompts-file", default=None)
     s.add_argument("--model", default=None)
-    s.add_argument("--vector", default=None, help="a .safetensors SteeringVector")
+    s.add_argument(
+        "--vector",
+        action="append",
+        default=None,
+        help="a vector file (.safetensors or llama.cpp/repeng .gguf), as PATH or NAME=PATH; repeat to combine",
+    )
     s.add_argument("--scale", type=float, default=1.0)
+    s.add_argument(
+        "--steer",
+        default=None,
+        help="combine the --vector files: 'happy:0.5,sad:-0.3@8-20' (name:scale@layers, comma separated)",
+    )
     s.add_argument("--layers", default=None, help="e.g. '8-20' (default: every layer of the vector)")
     s.add_argument("--positions", default="all", choices=list(POSITIONS))
     s.add_argument("--compare", action="store_true", help="print unsteered and steered side by side")

@@ -37,13 +37,15 @@ def serve_command(
     *,
     cpu: bool | None = None,
     allow_capture: bool = False,
+    vector_dirs: list[str] = (),
 ) -> tuple[list[str], dict]:
     """The stock ``vllm serve`` command line that serves ``model`` with steering: the
     model, ``--additional-config '{"roast": {...}}'`` (the plugin switches the rest on,
     ``roast_vllm.engine.autoconfig``), the user's options and, where not given, the CPU
     dtype rule (``--dtype``) and bounded steps (``roast_vllm.engine.args.step_bounds``;
     clients may send seeded requests) spelled out (the plugin would apply the same). Also
-    returns the environment to add (none today: the plugin sets what it needs).
+    returns the environment to add: ``VLLM_PLUGINS`` naming ``roast_vllm`` (vLLM loads an
+    endpoint plugin, here the vector registry API, only when named there).
 
     ``extra``: any ``vllm serve`` options, validated by vLLM's parser and passed through;
     ``--additional-config`` is merged with the roast entry; ``--scheduler-cls`` and
@@ -71,6 +73,8 @@ def serve_command(
     roast = {"max_steering_slots": max_steering_slots, "vectors": dict(vectors)}
     if allow_capture:
         roast["allow_capture"] = True
+    if vector_dirs:
+        roast["vector_dirs"] = [str(Path(d).resolve()) for d in vector_dirs]
     additional = {**(given.get("additional_config") or {}), CONFIG_KEY: roast}
     cmd = [
         *_vllm_serve(model),
@@ -79,7 +83,21 @@ def serve_command(
         *engine_args.drop_options(list(extra), {"additional_config"}, serve=True),
         *engine_args.as_flags(defaults),
     ]
-    return cmd, {}
+    return cmd, {"VLLM_PLUGINS": plugins_env()}
+
+
+def plugins_env(current: str | None = None) -> str:
+    """``VLLM_PLUGINS`` with ``roast_vllm`` in it. Set, it is also the allowlist of general
+    plugins, so when unset today it names every installed general plugin (none is
+    switched off by enabling the registry API)."""
+    from importlib.metadata import entry_points
+
+    current = os.environ.get("VLLM_PLUGINS") if current is None else current
+    if current is not None:
+        names = [n for n in current.split(",") if n]
+    else:
+        names = sorted({ep.name for ep in entry_points(group="vllm.general_plugins")})
+    return ",".join(dict.fromkeys([*names, "roast_vllm"]))
 
 
 def cmd_serve(args) -> None:
@@ -98,7 +116,12 @@ def cmd_serve(args) -> None:
         vec.validate_for(dims["num_layers"], site_dim(dims, vec.site))  # mlp_act vectors too
         vectors[name] = str(Path(path).resolve())
     cmd, env = serve_command(
-        model, vectors, args.max_steering_slots, args.engine_argv, allow_capture=args.allow_capture
+        model,
+        vectors,
+        args.max_steering_slots,
+        args.engine_argv,
+        allow_capture=args.allow_capture,
+        vector_dirs=args.vector_dir,
     )
     print("+ " + " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(cmd)]), flush=True)
     if args.dry_run:
@@ -112,6 +135,13 @@ def add_commands(sub) -> None:
     s.add_argument("--model", default=None)
     s.add_argument("--vector", action="append", default=[], metavar="NAME=FILE")
     s.add_argument("--max-steering-slots", type=int, default=64)
+    s.add_argument(
+        "--vector-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a server folder the registry API may register vectors from by path (repeatable)",
+    )
     s.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
     s.add_argument(
         "--allow-capture",

@@ -171,6 +171,9 @@ def complete(vllm_config) -> None:
     roast["max_model_len"] = mc.max_model_len
     roast["model_dtype"] = str(mc.dtype).replace("torch.", "")
     roast["num_layers"] = mc.hf_text_config.num_hidden_layers
+    roast["hidden_size"] = mc.get_hidden_size()
+    mlp = getattr(mc.hf_text_config, "intermediate_size", None)
+    roast["mlp_size"] = int(mlp) if roast.get("mlp_act_site", True) and mlp else 0
     cfg = RoastConfig.from_dict(roast)
     value = json.dumps(cfg.to_dict(), sort_keys=True)
     from roast_vllm import envs

@@ -44,6 +44,11 @@ class RoastConfig:
     the captures); servers leave it off unless started with ``--allow-capture``, so an
     HTTP client cannot make workers hold activations."""
 
+    vector_dirs: list[str] = field(default_factory=list)
+    """Server folders the registry API may load vectors from (``POST
+    /v1/steering/vectors`` with ``{"name", "path"}``); a path outside all of them (after
+    resolving links) is refused. Empty: only uploads register vectors."""
+
     max_capture_mib: int = 1024
     """Captured activations a worker holds until they are popped; beyond this the oldest
     captures are dropped (with an error in the log) instead of growing without bound."""
@@ -60,6 +65,14 @@ class RoastConfig:
     """The engine's model dtype (e.g. ``bfloat16``), recorded for the front end: it bounds
     how much a scaled vector may add to an activation (``spec.MAX_DELTA``)."""
 
+    hidden_size: int | None = None
+    """The model's hidden size, recorded for the front end: the registry API checks an
+    uploaded residual vector's width before any worker sees it."""
+
+    mlp_size: int | None = None
+    """The model's MLP width (0 when ``mlp_act_site`` is off), recorded for the front end
+    (the width of ``mlp_act`` vectors)."""
+
     def __post_init__(self) -> None:
         if isinstance(self.max_steering_slots, bool) or not isinstance(self.max_steering_slots, int):
             raise ValueError(f"max_steering_slots must be an int, got {self.max_steering_slots!r}")
@@ -69,6 +82,8 @@ class RoastConfig:
             isinstance(k, str) and isinstance(v, str) for k, v in self.vectors.items()
         ):
             raise ValueError(f"roast 'vectors' must map names to file paths, got {self.vectors!r}")
+        if not isinstance(self.vector_dirs, list) or not all(isinstance(d, str) for d in self.vector_dirs):
+            raise ValueError(f"roast 'vector_dirs' must be a list of folder paths, got {self.vector_dirs!r}")
         if isinstance(self.max_capture_mib, bool) or not isinstance(self.max_capture_mib, int):
             raise ValueError(f"max_capture_mib must be an int, got {self.max_capture_mib!r}")
 

@@ -65,6 +65,8 @@ def steering_engine_kwargs(
         fusion=fusion,
         max_model_len=vllm_kwargs.get("max_model_len") or dims.get("max_position_embeddings"),
         model_dtype=model_dtype(dims, vllm_kwargs.get("dtype")),
+        hidden_size=dims.get("hidden_size"),
+        mlp_size=(dims.get("intermediate_size") or 0) if mlp_act_site else 0,
     )
     kw = dict(vllm_kwargs)
     kw["model"] = model

@@ -16,6 +16,7 @@ from roast_vllm.engine.spec import SteeringRequestError, SteerSpec, VectorInfo, 
 
 _lock = threading.Lock()
 _vectors: dict[str, VectorInfo] = {}
+_described: dict[str, dict] = {}  # name -> what GET /v1/steering/vectors lists
 _env_loaded = False
 
 
@@ -26,6 +27,9 @@ class ModelInfo:
     dtype: str | None = None
     allow_capture: bool = False
     fusion: bool = True
+    hidden_size: int | None = None
+    mlp_size: int | None = None  # 0: the mlp_act site is off
+    vector_dirs: tuple[str, ...] = ()
 
 
 _model: ModelInfo | None = None
@@ -45,13 +49,49 @@ def set_model(
     )
 
 
-def add(name: str, vector) -> VectorInfo:
+def add(name: str, vector, source: str = "api") -> VectorInfo:
     info = VectorInfo(
         tuple(vector.layers), vector.hidden_size, vector.site, vector.digest(), vector.max_abs()
     )
+    desc = {
+        "name": name,
+        "site": vector.site,
+        "layers": list(vector.layers),
+        "dims": vector.hidden_size,
+        "num_layers": vector.num_layers,
+        "method": vector.method,
+        "model_id": vector.model_id,
+        "provenance": vector.provenance,
+        "digest": info.digest,
+        "max_abs": info.max_abs,
+        "source": source,
+    }
     with _lock:
         _vectors[name] = info
+        _described[name] = desc
     return info
+
+
+def remove(name: str) -> bool:
+    """Forget ``name`` (requests already validated keep their pinned version)."""
+    _load_env_once()
+    with _lock:
+        _described.pop(name, None)
+        return _vectors.pop(name, None) is not None
+
+
+def describe(name: str | None = None) -> list[dict]:
+    """What the registry API lists: every vector, or ``name``'s (empty if unknown)."""
+    _load_env_once()
+    with _lock:
+        if name is not None:
+            return [dict(_described[name])] if name in _described else []
+        return [dict(_described[n]) for n in sorted(_described)]
+
+
+def model() -> ModelInfo | None:
+    _load_env_once()
+    return _model
 
 
 def names() -> list[str]:
@@ -82,13 +122,16 @@ def _load_env_once() -> None:
     if cfg is None:
         return
     set_model(cfg.num_layers, cfg.max_model_len, cfg.model_dtype, cfg.allow_capture, cfg.fusion)
+    _model.hidden_size = cfg.hidden_size
+    _model.mlp_size = cfg.mlp_size
+    _model.vector_dirs = tuple(cfg.vector_dirs)
     for name, path in cfg.vectors.items():
-        add(name, SteeringVector.load(path))
+        add(name, SteeringVector.load(path), source=f"config: {path}")
 
 
 def check(spec: SteerSpec) -> str:
     """Validate ``spec`` against the registry; returns the digest of the vector version
-    the request is pinned to."""
+    the request is pinned to (a combination: one per vector, joined by commas)."""
     if not known():
         raise SteeringRequestError(
             "steer_vector: this process has no roast-vllm registry, so steering cannot be "
@@ -100,6 +143,8 @@ def check(spec: SteerSpec) -> str:
     # are registered (Fusion Steering registers one per prompt)
     with _lock:
         check_against(spec, _vectors, m.num_layers, m.max_model_len, m.dtype, m.fusion)
+        if spec.terms:
+            return ",".join(_vectors[t.vector].digest for t in spec.terms)
         return _vectors[spec.vector].digest
 
 
@@ -108,5 +153,6 @@ def reset() -> None:
     global _model, _env_loaded
     with _lock:
         _vectors.clear()
+        _described.clear()
         _model = None
         _env_loaded = False

@@ -24,7 +24,21 @@ steer_mode         ``add`` (``h += scale_l * v_l``) or ``fusion`` (Fusion     ad
                    request's own stream; every position, residual site)
 steer_skip_first   fusion only: leave position 0 (the attention sink) out  false
                    of the mean and uninjected
+steer_vectors      several registered vectors in one request, each with    (unset)
+                   its own scale and layers: ``[{"name": "a", "scale":
+                   0.5}, {"name": "b", "scale": -0.3, "layers": [3, 4]}]``
+                   or the compact ``"a:0.5,b:-0.3@3-4"`` (also as a list
+                   of such strings, or a JSON string); replaces
+                   steer_vector / steer_scale / steer_layers; the scope
+                   keys apply to the whole combination
 =================  ======================================================  ===========
+
+A multi-vector request adds ``sum_i scale_i * v_i[l]`` at each layer ``l`` (a term adds
+only on its own layers; vectors of both sites may be combined). The whole combination is
+one steering configuration: it fills one slot, and requests with the same combination
+share it. A one-entry ``steer_vectors`` is exactly the ``steer_vector`` request. The
+compact form is ``name[:scale][@layers]`` joined by commas, ``layers`` as ``3-5+9`` (ranges
+joined by ``+``); names holding ``,:@`` need the list-of-objects form.
 
 Keys starting with ``roast_`` are internal: ``roast_vector_digest`` is stamped by the
 front end (which version of the named vector the request steers with; a client's value is
@@ -56,6 +70,7 @@ KEYS = (
     "steer_start",
     "steer_mode",
     "steer_skip_first",
+    "steer_vectors",
 )
 MODES = ("add", "fusion")
 DIGEST_KEY = "roast_vector_digest"  # stamped by the front end; never taken from a client
@@ -71,6 +86,8 @@ MAX_INDEX = 2**31 - 1
 MAX_NAME_LEN = 256
 _NO_LIMIT = 1 << 62
 _DIGEST_RE = re.compile(r"^[0-9a-f]{16}$")
+#: Most vectors one request may combine.
+MAX_TERMS = 16
 
 
 class SteeringRequestError(ValueError):
@@ -85,6 +102,21 @@ def segment_of(layer: int, num_layers: int) -> int:
     """Third (0 early, 1 middle, 2 late) that ``layer`` of ``num_layers`` falls in:
     ``min(3 * layer // num_layers, 2)``; 30 layers: 0-9, 10-19, 20-29."""
     return min(3 * layer // num_layers, 2)
+
+
+@dataclass(frozen=True)
+class SteerTerm:
+    """One vector of a multi-vector request: ``scale * v_l`` on ``layers`` (None: every
+    layer the vector has)."""
+
+    vector: str
+    scale: float = 1.0
+    layers: tuple[int, ...] | None = None
+
+    def compact(self) -> str:
+        """``name:scale[@layers]``, the form :func:`parse_steer_args` reads back."""
+        s = f"{self.vector}:{self.scale!r}"
+        return s if self.layers is None else s + "@" + "+".join(map(str, self.layers))
 
 
 @dataclass(frozen=True)
@@ -103,6 +135,15 @@ class SteerSpec:
     digest: str | None = None  # the vector version (front-end stamp); None: the current one
     mode: str = "add"  # "add" or "fusion" (Fusion Steering, methods/fusion.py)
     skip_first: bool = False  # fusion: position 0 neither counted in the mean nor injected
+    #: A multi-vector request's vectors (``steer_vectors``, 2 or more). Then ``vector`` is
+    #: the combination's compact form (for messages), ``scale`` 1.0, ``layers`` None, and
+    #: ``digest`` one digest per term joined by commas.
+    terms: tuple[SteerTerm, ...] = ()
+
+    @property
+    def digests(self) -> tuple[str, ...] | None:
+        """The pinned version of each vector (one per term; one for a single vector)."""
+        return None if self.digest is None else tuple(self.digest.split(","))
 
     @property
     def max_abs_scale(self) -> float:
@@ -126,8 +167,13 @@ class SteerSpec:
     def slot_key(self) -> tuple:
         """What fills a row of the steering table; requests that share it share a slot.
         The digest, not the name: two versions of one name are two configurations.
-        Position scope is per request (a row property), so it is not part of the key."""
-        return (self.digest or self.vector, self.scale, self.layers, self.mode)
+        Position scope is per request (a row property), so it is not part of the key. A
+        combination's key holds every term's scale and layers."""
+        return (self.digest or self.vector, self.scale, self.layers, self.mode, self._term_key)
+
+    @property
+    def _term_key(self) -> tuple:
+        return tuple((t.scale, t.layers) for t in self.terms)
 
     def cache_salt(self, prompt_len: int) -> str:
         """Prefix-cache salt: KV computed under this steering must only be reused by
@@ -139,6 +185,8 @@ class SteerSpec:
         key = [self.digest or self.vector, repr(self.scale), self.layers, lo, None if hi >= _NO_LIMIT else hi]
         if self.mode != "add":
             key.append(self.mode)  # Fusion KV is not an additive request's (add keeps its salts)
+        if self.terms:
+            key.append([[t.scale, t.layers] for t in self.terms])
         return "roast:" + json.dumps(key, separators=(",", ":"))
 
     def token_range(self, prompt_len: int) -> tuple[int, int]:
@@ -228,6 +276,70 @@ def _as_layers(v: Any) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
+def _as_compact_layers(where: str, v: str) -> tuple[int, ...]:
+    """``"3-5+9"`` -> ``(3, 4, 5, 9)``."""
+    out: list[int] = []
+    for part in v.split("+"):
+        lo, sep, hi = part.partition("-")
+        a = _as_index(where, lo, "entries")
+        b = _as_index(where, hi, "entries") if sep else a
+        if b < a or b - a >= 4096:
+            raise SteeringRequestError(f"{where}: layer range {part!r} must be 'lo-hi' with lo <= hi")
+        out.extend(range(a, b + 1))
+    return _as_layers(out)
+
+
+def _as_term(i: int, v: Any) -> SteerTerm:
+    """One entry of ``steer_vectors``: ``{"name", "scale", "layers"}`` or
+    ``"name[:scale][@layers]"``."""
+    where = f"steer_vectors[{i}]"
+    if isinstance(v, str):
+        text, at, lay = v.strip().rpartition("@") if "@" in v else (v.strip(), "", "")
+        name, colon, num = text.rpartition(":") if ":" in text else (text, "", "")
+        scale = _as_float(f"{where} scale", num) if colon else 1.0
+        layers = _as_compact_layers(where, lay) if at else None
+    elif isinstance(v, dict):
+        unknown = sorted(set(map(str, v)) - {"name", "scale", "layers"})
+        if unknown:
+            raise SteeringRequestError(f"{where}: unknown keys {unknown}; give name, scale, layers")
+        name = v.get("name")
+        scale = _as_float(f"{where} scale", v.get("scale", 1.0))
+        try:
+            layers = _as_layers(v["layers"]) if v.get("layers") is not None else None
+        except SteeringRequestError as e:
+            raise SteeringRequestError(f"{where}: {e}") from None
+    else:
+        raise SteeringRequestError(
+            f'{where} must be {{"name": ..., "scale": ..., "layers": [...]}} or "name:scale", got {v!r:.80}'
+        )
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME_LEN:
+        raise SteeringRequestError(
+            f"{where}: the vector name must be a str of 1..{MAX_NAME_LEN} chars, got {name!r:.80}"
+        )
+    return SteerTerm(name, scale, layers)
+
+
+def _as_terms(v: Any) -> tuple[SteerTerm, ...]:
+    """``steer_vectors``: a list of entries, a compact ``"a:0.5,b:-0.3@3-5"`` string, or a
+    JSON string of the list form (HTTP ``vllm_xargs`` values cannot be objects)."""
+    if isinstance(v, str):
+        text = v.strip()
+        if text.startswith("["):
+            try:
+                v = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise SteeringRequestError(f"steer_vectors is not valid JSON: {e}") from None
+        else:
+            v = [p for p in text.split(",") if p.strip()]
+    if not isinstance(v, (list, tuple)) or not v or len(v) > MAX_TERMS:
+        raise SteeringRequestError(
+            f"steer_vectors must list 1..{MAX_TERMS} vectors, e.g. "
+            f'[{{"name": "a", "scale": 0.5}}, {{"name": "b", "scale": -0.3}}] or "a:0.5,b:-0.3"; '
+            f"got {v!r:.80}"
+        )
+    return tuple(_as_term(i, x) for i, x in enumerate(v))
+
+
 def parse_steer_args(extra_args: Any) -> SteerSpec | None:
     """Return the request's ``SteerSpec`` or ``None`` when it has no steer keys.
 
@@ -245,12 +357,34 @@ def parse_steer_args(extra_args: Any) -> SteerSpec | None:
     unknown = sorted(set(present) - set(KEYS))
     if unknown:
         raise SteeringRequestError(f"unknown steering keys {unknown}; valid keys are {list(KEYS)}")
+    terms: tuple[SteerTerm, ...] = ()
+    if "steer_vectors" in present:
+        clash = sorted(
+            k
+            for k in ("steer_vector", "steer_scale", "steer_layers", "steer_mode", "steer_skip_first")
+            if k in present
+        )
+        if clash:
+            raise SteeringRequestError(
+                f"give steer_vectors or {clash[0]}, not both: each entry of steer_vectors has "
+                "its own name, scale and layers (combinations are additive only)"
+            )
+        terms = _as_terms(present["steer_vectors"])
+        if len(terms) == 1:  # the single-vector request, same slot and cache salt
+            t = terms[0]
+            present = {**present, "steer_vector": t.vector, "steer_scale": t.scale}
+            if t.layers is not None:
+                present["steer_layers"] = list(t.layers)
+            terms = ()
+        else:
+            present = {**present, "steer_vector": ",".join(t.compact() for t in terms)}
     name = present.get("steer_vector")
     if name is None:
         raise SteeringRequestError(
-            f"steering keys {sorted(present)} given without steer_vector; name a registered vector"
+            f"steering keys {sorted(present)} given without steer_vector (or steer_vectors); "
+            "name a registered vector"
         )
-    if not isinstance(name, str) or not name or len(name) > MAX_NAME_LEN:
+    if not terms and (not isinstance(name, str) or not name or len(name) > MAX_NAME_LEN):
         raise SteeringRequestError(
             f"steer_vector must be a vector name (str of 1..{MAX_NAME_LEN} chars), got {name!r:.80}"
         )
@@ -278,7 +412,11 @@ def parse_steer_args(extra_args: Any) -> SteerSpec | None:
     elif "steer_skip_first" in present:
         raise SteeringRequestError("steer_skip_first applies to steer_mode='fusion' only")
     digest = extra_args.get(DIGEST_KEY)
-    if digest is not None and not (isinstance(digest, str) and _DIGEST_RE.match(digest)):
+    if digest is not None and not (
+        isinstance(digest, str)
+        and len(parts := digest.split(",")) == max(len(terms), 1)
+        and all(_DIGEST_RE.match(p) for p in parts)
+    ):
         raise SteeringRequestError(f"{DIGEST_KEY} is set by roast-vllm's front end; do not send it")
     return SteerSpec(
         vector=name,
@@ -289,6 +427,7 @@ def parse_steer_args(extra_args: Any) -> SteerSpec | None:
         digest=digest,
         mode=mode,
         skip_first=skip_first,
+        terms=terms,
     )
 
 
@@ -311,7 +450,7 @@ def check_internal_keys(extra_args: Any, *, capture_allowed: bool) -> None:
         if not (isinstance(k, str) and k.startswith("roast_")):
             continue
         if k == DIGEST_KEY:
-            if "steer_vector" not in extra_args:
+            if "steer_vector" not in extra_args and "steer_vectors" not in extra_args:
                 raise SteeringRequestError(f"{DIGEST_KEY} is set by roast-vllm's front end; do not send it")
         elif k == CAPTURE_KEY:
             if not capture_allowed:
@@ -367,7 +506,23 @@ def check_against(
 ) -> None:
     """Check a spec against the registered vectors (name known, layers in range and
     present in the vector, start below the model's maximum length, bounded delta; Fusion
-    only where the engine has it, on a residual reference)."""
+    only where the engine has it, on a residual reference). A combination: every term as
+    its own request, and the sum of the terms' largest additions within the bound."""
+    if spec.terms:
+        total = 0.0
+        for i, t in enumerate(spec.terms):
+            one = SteerSpec(t.vector, t.scale, t.layers, spec.positions, spec.start)
+            try:
+                check_against(one, vectors, num_layers, max_model_len, dtype, fusion)
+            except SteeringRequestError as e:
+                raise SteeringRequestError(f"steer_vectors[{i}] ({t.vector!r}): {e}") from None
+            total += abs(t.scale) * vectors[t.vector].max_abs
+        if total > max_delta(dtype):
+            raise SteeringRequestError(
+                f"steer_vectors {spec.vector!r} together would add up to {total:.3g} to an "
+                f"activation; the limit for this model's dtype is {max_delta(dtype):g}"
+            )
+        return
     info = vectors.get(spec.vector)
     if info is None:
         known = sorted(vectors) or "none registered yet"

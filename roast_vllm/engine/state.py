@@ -9,7 +9,9 @@ Shapes (``L`` layers, ``S = max_steering_slots + 1`` slots, ``H`` hidden, ``R`` 
     mlp_table   [L, S, I]  fp32, the same for ``mlp_act`` vectors (I = MLP width on
                            this rank); a slot's row is zero in the table of the other site
     slot_scale  [S]        fp32 scale of each slot (0 for slot 0; 1 for a per-layer one)
-    slot_mlp    [S]        int64, 1 where the slot's vector is an ``mlp_act`` one
+    slot_mlp    [S]        int64, 1 where the slot steers the ``mlp_act`` site
+    slot_res    [S]        int64, 1 where the slot steers the residual stream (a
+                           multi-vector combination may steer both)
     token_slot  [T]        int64, the residual-site slot of each token of the current step
     mlp_token_slot [T]     int64, the same for ``mlp_act`` slots
     row_slot    [R]        slot of the request in each persistent-batch row
@@ -84,6 +86,7 @@ from roast_vllm.engine.spec import (
     MAX_SCALE,
     SteeringRequestError,
     SteerSpec,
+    SteerTerm,
     parse_steer_args,
 )
 from roast_vllm.kernels.fusion_mean import fusion_mean
@@ -111,7 +114,8 @@ class _Slot:
     index: int
     key: tuple
     refs: int = 0
-    mlp: bool = False  # an mlp_act vector's slot (else residual)
+    mlp: bool = False  # the slot steers the mlp_act site
+    residual: bool = True  # the slot steers the residual stream (a combination may do both)
 
 
 @dataclass
@@ -212,6 +216,9 @@ class SteeringState(nn.Module):
             "slot_mlp", torch.zeros(max_slots + 1, dtype=torch.long, device=device), persistent=False
         )
         self.register_buffer(
+            "slot_res", torch.zeros(max_slots + 1, dtype=torch.long, device=device), persistent=False
+        )
+        self.register_buffer(
             "token_slot",
             torch.zeros(max_num_tokens, dtype=torch.long, device=device),
             persistent=False,
@@ -256,8 +263,10 @@ class SteeringState(nn.Module):
         self._rows_dirty = False
         self._tokens_dirty = False
         self.num_steered_rows = 0
-        #: Rows steered at the ``mlp_act`` site (the rest of ``num_steered_rows``: residual).
+        #: Rows steered at the ``mlp_act`` site and at the residual stream (a combination of
+        #: both sites' vectors counts in both).
         self.num_mlp_rows = 0
+        self.num_residual_rows = 0
         #: Python-side "any row steered this step", overall and per site (set by
         #: ``prepare_step``); read only on eager paths to skip no-op ops, never inside a
         #: captured or compiled region.
@@ -334,10 +343,21 @@ class SteeringState(nn.Module):
             self._evict_retired()
         return digest
 
+    def unregister_vector(self, name: str) -> bool:
+        """Forget ``name``: new requests cannot use it; requests pinned to its version keep
+        it (it is retired like a replaced version). Returns whether it was registered."""
+        digest = self.names.pop(name, None)
+        if digest is None:
+            return False
+        if digest not in self.names.values():
+            self._retired[digest] = None
+            self._evict_retired()
+        return True
+
     def _evict_retired(self) -> None:
         if len(self._retired) <= MAX_RETIRED_VERSIONS:
             return  # the common case: nothing to scan (this runs on every slot release)
-        in_use = {slot.key[0] for slot in self._slots.values()}
+        in_use = {d for slot in self._slots.values() for d in slot.key[0].split(",")}
         for d in list(self._retired):
             if len(self._retired) <= MAX_RETIRED_VERSIONS:
                 break
@@ -352,48 +372,73 @@ class SteeringState(nn.Module):
         # These writes are stream-ordered after every step already launched.
         self.slot_scale[slot.index] = 0.0
         self.slot_mlp[slot.index] = 0
+        self.slot_res[slot.index] = 0
         self.table[:, slot.index].zero_()
         self.mlp_table[:, slot.index].zero_()
         self.fusion_coef[:, slot.index].zero_()
         self._free.append(slot.index)
 
     # -------------------------------------------------------------- slots
+    def _resolve(self, spec: SteerSpec) -> list[tuple[SteeringVector, tuple[int, ...], list[float] | None]]:
+        """``[(vector, layers, per-layer scales or None)]`` of ``spec``'s vectors at their
+        pinned versions: one entry, or one per term of a combination (whose scales are
+        always folded). Raises ``SteeringVectorError`` if anything does not fit."""
+        terms = spec.terms or (SteerTerm(spec.vector, 1.0, spec.layers),)
+        digests = spec.digests or tuple(self.names.get(t.vector) for t in terms)
+        if len(digests) != len(terms):
+            raise SteeringVectorError(
+                f"steering {spec.vector!r}: {len(digests)} versions for {len(terms)} vectors"
+            )
+        out = []
+        for t, digest in zip(terms, digests):
+            vec = self.versions.get(digest) if digest is not None else None
+            if vec is None:
+                raise SteeringVectorError(
+                    f"unknown steering vector {t.vector!r}" + (f" (version {digest})" if spec.digest else "")
+                )
+            layers = t.layers if t.layers is not None else tuple(vec.layers)
+            missing = [l for l in layers if l not in vec.directions]
+            if missing:
+                raise SteeringVectorError(f"vector {t.vector!r} has no direction for layers {missing}")
+            if vec.site == "mlp_act" and not self.mlp_size:
+                raise SteeringVectorError(f"vector {t.vector!r} is an mlp_act vector; that site is off")
+            out.append((vec, layers, [t.scale] * self.num_layers if spec.terms else None))
+        return out
+
     def acquire(self, spec: SteerSpec) -> int:
         """The slot index for ``spec`` (shared with every row of the same configuration).
-        Raises ``SteeringVectorError`` if the spec does not fit its vector and
+        Raises ``SteeringVectorError`` if the spec does not fit its vector(s) and
         ``SlotsExhausted`` if no slot is free; writes nothing in either case."""
-        digest = spec.digest or self.names.get(spec.vector)
-        vec = self.versions.get(digest) if digest is not None else None
-        if vec is None:
-            raise SteeringVectorError(
-                f"unknown steering vector {spec.vector!r}"
-                + (f" (version {spec.digest})" if spec.digest else "")
-            )
-        layers = spec.layers if spec.layers is not None else tuple(vec.layers)
-        missing = [l for l in layers if l not in vec.directions]
-        if missing:
-            raise SteeringVectorError(f"vector {spec.vector!r} has no direction for layers {missing}")
+        parts = self._resolve(spec)
         fusion = spec.mode == "fusion"
         if fusion:
             if not self.fusion:
                 raise SteeringVectorError(
                     "Fusion Steering is off on this engine; start it with the roast config's fusion=True"
                 )
-            if vec.site != "residual":
+            if parts[0][0].site != "residual":
                 raise SteeringVectorError(
                     f"Fusion Steering needs a residual-stream reference; {spec.vector!r} is a "
-                    f"{vec.site} vector"
+                    f"{parts[0][0].site} vector"
                 )
+        scales = [spec.scale] if not spec.terms else [t.scale for t in spec.terms]
         per_layer = isinstance(spec.scale, tuple)
         if not all(
-            math.isfinite(x) and abs(x) <= MAX_SCALE for x in (spec.scale if per_layer else [spec.scale])
+            math.isfinite(x) and abs(x) <= MAX_SCALE
+            for sc in scales
+            for x in (sc if isinstance(sc, tuple) else [sc])
         ):
             raise SteeringVectorError(f"steer_scale {spec.scale!r} out of range (|scale| <= {MAX_SCALE:g})")
         try:
             layer_scales = spec.layer_scales(self.num_layers)
         except SteeringRequestError as e:
             raise SteeringVectorError(str(e)) from None
-        key = (digest, spec.scale, spec.layers, spec.mode)
+        # fold the scales into the slot's rows (slot_scale 1.0) for a per-layer scale, Fusion
+        # and combinations; a single vector at one scale keeps its rows and slot_scale
+        fold = per_layer or fusion or bool(spec.terms)
+        digest = ",".join(v.digest() for v, _, _ in parts) if spec.terms else parts[0][0].digest()
+        digest = spec.digest or digest
+        key = (digest, spec.scale, spec.layers, spec.mode, tuple((t.scale, t.layers) for t in spec.terms))
         slot = self._slots.get(key)
         if slot is None:
             if not self._free:
@@ -401,30 +446,40 @@ class SteeringState(nn.Module):
             index = self._free.pop()
             self.num_slot_reuses += index in self._used_indices
             self._used_indices.add(index)
-            mlp = vec.site == "mlp_act"
-            width = self.mlp_table.shape[-1] if mlp else self.hidden_size
-            rows = torch.zeros(self.num_layers, width, dtype=torch.float32)
-            rank, world = self.mlp_shard if mlp else (0, 1)
-            for l in layers:
-                # tensor parallel: this rank's MLP columns are one contiguous slice
-                rows[l] = vec.directions[l][rank * width : (rank + 1) * width]
-                if per_layer or fusion:
-                    # a per-layer scale is folded into the slot's own rows (fp32, the same
-                    # product the ops form from table * scale), with the slot's scale 1.0:
-                    # no per-layer buffer, the ops and the captured graphs are unchanged.
-                    # Fusion: the rows are c_l * r_l, and fusion_coef holds c_l.
-                    rows[l] *= layer_scales[l]
+            sites = {v.site for v, _, _ in parts}
+            rows = {
+                site: torch.zeros(self.num_layers, tbl.shape[-1], dtype=torch.float32)
+                for site, tbl in (("residual", self.table), ("mlp_act", self.mlp_table))
+                if site in sites
+            }
+            for vec, layers, term_scales in parts:
+                mlp = vec.site == "mlp_act"
+                width = rows[vec.site].shape[-1]
+                rank = self.mlp_shard[0] if mlp else 0
+                per = term_scales if term_scales is not None else layer_scales
+                for l in layers:
+                    # tensor parallel: this rank's MLP columns are one contiguous slice
+                    d = vec.directions[l][rank * width : (rank + 1) * width].float()
+                    # a folded scale is applied here, in fp32 (the same product the ops form
+                    # from table * scale), with the slot's scale 1.0: no per-layer buffer, the
+                    # ops and the captured graphs are unchanged. Fusion: the rows are c_l * r_l,
+                    # and fusion_coef holds c_l. Combinations: sum_i s_i * v_i[l].
+                    rows[vec.site][l] += d * per[l] if fold else d
             # the other site's rows of this slot are already zero: free slots hold nothing
             # (zeroed at start and by _release_index)
-            (self.mlp_table if mlp else self.table)[:, index].copy_(rows)
+            if "residual" in rows:
+                self.table[:, index].copy_(rows["residual"])
+            if "mlp_act" in rows:
+                self.mlp_table[:, index].copy_(rows["mlp_act"])
             if fusion:
                 coef = torch.zeros(self.num_layers, dtype=torch.float32)
-                for l in layers:
+                for l in parts[0][1]:
                     coef[l] = layer_scales[l]
                 self.fusion_coef[:, index].copy_(coef)
-            self.slot_scale[index] = 1.0 if (per_layer or fusion) else spec.scale
-            self.slot_mlp[index] = int(mlp)
-            slot = _Slot(index, key, mlp=mlp)
+            self.slot_scale[index] = 1.0 if fold else spec.scale
+            self.slot_mlp[index] = int("mlp_act" in rows)
+            self.slot_res[index] = int("residual" in rows)
+            slot = _Slot(index, key, mlp="mlp_act" in rows, residual="residual" in rows)
             self._slots[key] = slot
             self._slot_by_index[index] = slot
         slot.refs += 1
@@ -539,9 +594,11 @@ class SteeringState(nn.Module):
         self._fusion_rows = {row: r for row, r in rows.items() if r.fusion}
         self.num_fusion_rows = len(self._fusion_rows)
         self.num_steered_rows = sum(1 for r in rows.values() if r.slot and not r.fusion)
-        self.num_mlp_rows = sum(
-            1 for r in rows.values() if r.slot and (s := self._slot_by_index.get(r.slot)) and s.mlp
-        )
+        slots = [
+            s for r in rows.values() if r.slot and not r.fusion and (s := self._slot_by_index.get(r.slot))
+        ]
+        self.num_mlp_rows = sum(s.mlp for s in slots)
+        self.num_residual_rows = sum(s.residual for s in slots)
         self._captures_pending = any(r.capture is not None for r in rows.values())
         self._rows_dirty = True
         self.sync_rows()
@@ -617,7 +674,7 @@ class SteeringState(nn.Module):
         self._prepare_fusion(req_indices, positions, num_tokens, requests)
         self.step_steered = self.num_steered_rows > 0
         self.step_steered_mlp = self.num_mlp_rows > 0
-        self.step_steered_residual = self.num_steered_rows > self.num_mlp_rows
+        self.step_steered_residual = self.num_residual_rows > 0
         if not self.step_steered:
             if self._tokens_dirty:
                 self.token_slot.zero_()
@@ -629,10 +686,10 @@ class SteeringState(nn.Module):
         pos = positions[:n].to(torch.long)
         keep = (pos >= self.row_lo[rows]) & (pos < self.row_hi[rows])
         slots = self.row_slot[rows] * keep
-        # each site's op reads only its own site's slots (the other site's are 0 there)
-        mlp = self.slot_mlp[slots]
-        torch.mul(slots, mlp, out=self.mlp_token_slot[:n])
-        torch.sub(slots, self.mlp_token_slot[:n], out=self.token_slot[:n])
+        # each site's op reads only the slots that steer its site (a combination of both
+        # sites' vectors is in both)
+        torch.mul(slots, self.slot_mlp[slots], out=self.mlp_token_slot[:n])
+        torch.mul(slots, self.slot_res[slots], out=self.token_slot[:n])
         self.token_slot[n:].zero_()  # padded graph tokens (and any stale tail) get slot 0
         self.mlp_token_slot[n:].zero_()
         self._tokens_dirty = True

@@ -23,6 +23,9 @@ class SteeringWorkerExtension:
         digest = state.register_vector(name, vec)
         return {"name": name, "layers": vec.layers, "digest": digest}
 
+    def roast_unregister_vector(self, name: str) -> bool:
+        return _state().unregister_vector(name)
+
     def roast_set_capture(self, layers: list[int], sites: list[str]) -> None:
         state = _state()
         bad = [l for l in layers if not 0 <= l < state.num_layers]

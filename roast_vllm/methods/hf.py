@@ -8,7 +8,7 @@ hook, as repeng / steering-vectors do.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 
@@ -54,11 +54,24 @@ def forward_hooks(hooks):
 
 
 @contextmanager
-def steering_hooks(model, vector: SteeringVector, spec: SteerSpec, prompt_len: int):
-    """Add ``s_l * v_l`` to the output of each steered layer (``mlp_act`` vectors: of the
+def steering_hooks(
+    model, vector: SteeringVector | dict[str, SteeringVector], spec: SteerSpec, prompt_len: int
+):
+    """A multi-vector ``spec`` (``spec.terms``) takes ``vector`` as ``{name: vector}`` and
+    adds each term's hooks: the layer outputs get ``sum_i s_i * v_i[l]``, one term after
+    the other.
+
+    Add ``s_l * v_l`` to the output of each steered layer (``mlp_act`` vectors: of the
     layer's ``mlp.act_fn``, SiLU(gate)), at the absolute positions
     ``spec.token_range(prompt_len)`` (inputs must start at position 0). ``s_l`` is
     ``spec.layer_scales(L)[l]``: the scale, or its entry for layer ``l``'s third / layer."""
+    if spec.terms:
+        with ExitStack() as stack:
+            for t in spec.terms:
+                one = SteerSpec(t.vector, t.scale, t.layers, spec.positions, spec.start)
+                stack.enter_context(steering_hooks(model, vector[t.vector], one, prompt_len))
+            yield
+        return
     layers = spec.layers if spec.layers is not None else tuple(vector.layers)
     scales = spec.layer_scales(len(decoder_layers(model)))
     lo, hi = spec.token_range(prompt_len)
