@@ -31,6 +31,11 @@ ENV_VARS: dict[str, tuple[str | None, str]] = {
         "the API-server process validate vector names and layers at submission. The plugin "
         "sets it from --additional-config's 'roast' entry when vLLM builds its config.",
     ),
+    "ROAST_VLLM_VERBOSE": (
+        None,
+        "1: commands show vLLM's and Ray's logs on the terminal (as --verbose); default: they "
+        "go to a log file whose path is printed.",
+    ),
 }
 
 

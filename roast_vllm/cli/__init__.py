@@ -30,7 +30,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for group in GROUPS:
         importlib.import_module(f"roast_vllm.cli.{group}").add_commands(sub)
+    for leaf in _leaves(p):
+        add_output_args(leaf)
     return p
+
+
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    """``--verbose`` / ``--log-file`` (``roast_vllm.runtime.quiet``) on a command."""
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show vLLM's and Ray's logs here (default: they go to a log file whose path is printed)",
+    )
+    p.add_argument("--log-file", default=None, help="where vLLM's and Ray's logs go (default: a new file)")
+
+
+def _leaves(p: argparse.ArgumentParser):
+    subs = next((a.choices for a in p._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if subs is None:
+        yield p
+        return
+    for child in dict.fromkeys(subs.values()):  # aliases map to one parser
+        yield from _leaves(child)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,10 +60,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return engine_args.parse_args(build_parser(), argv)
 
 
+#: Commands that start no engine: nothing to keep quiet.
+LIGHT = ("prepare-model", "convert")
+
+
 def main(argv: list[str] | None = None) -> None:
+    from roast_vllm.runtime.quiet import quiet_logs
+
     args = parse_args(argv)
+    light = args.command in LIGHT or getattr(args, "dry_run", False) or args.command == "serve"
     try:
-        args.func(args)
+        # serve runs vLLM's server as a child and handles its output itself (cli/serve.py)
+        with quiet_logs(
+            args.command, verbose=args.verbose or light, path=args.log_file, until_exit=argv is None
+        ):
+            args.func(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--caa-scale", type=float, default=0.1, help="raw mean differences: small scales")
     p.add_argument("--workers", type=int, default=2, help="Ray workers for rollouts and eval")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show vLLM's and Ray's logs here (default: they go to a log file whose path is printed)",
+    )
     add_engine_args(p)  # passed to every step's engine
     return p
 
@@ -64,7 +69,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
+    from roast_vllm.runtime.quiet import quiet_logs
+
     args = parse_args(argv)
+    with quiet_logs("demo", verbose=args.verbose, until_exit=argv is None):
+        _demo(args)
+
+
+def _demo(args) -> None:
     # a demo shows its own output; vLLM's per-engine INFO lines (x5 engines) would bury it
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     t_all = time.perf_counter()

@@ -127,7 +127,67 @@ def cmd_serve(args) -> None:
     if args.dry_run:
         return
     os.environ.update(env)
-    os.execvp(cmd[0], cmd)
+    if args.verbose:
+        os.execvp(cmd[0], cmd)  # vLLM's own output, as `vllm serve` gives it
+    raise SystemExit(run_quietly(cmd, vectors, args.log_file))
+
+
+def _flag(cmd: list[str], name: str, default: str) -> str:
+    for i, tok in enumerate(cmd):
+        if tok == name and i + 1 < len(cmd):
+            return cmd[i + 1]
+        if tok.startswith(name + "="):
+            return tok.split("=", 1)[1]
+    return default
+
+
+def run_quietly(cmd: list[str], vectors: dict[str, str], log_file: str | None = None) -> int:
+    """Run the server with its output in a log file; print the log's path, then one line
+    when it answers (its URL, vectors, registry route); on exit, its status (and the
+    log's last lines if it failed). Ctrl-C stops it."""
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    from roast_vllm.runtime.quiet import default_log_path, show_tail
+
+    log = Path(log_file) if log_file else default_log_path("serve")
+    print(f"(vLLM logs: {log}; --verbose shows them here)", flush=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    host = _flag(cmd, "--host", "127.0.0.1")
+    host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    base = f"http://{host}:{_flag(cmd, '--port', '8000')}"
+    t0 = time.time()
+    try:
+        while proc.poll() is None:
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        names = ", ".join(vectors) or "none yet"
+                        print(
+                            f"ready in {time.time() - t0:.0f} s: {base}/v1 (OpenAI API); vectors: {names}; "
+                            f"registry: {base}/v1/steering/vectors",
+                            flush=True,
+                        )
+                        break
+            except OSError:
+                time.sleep(1)
+        rc = proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        try:
+            rc = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+        print("server stopped", flush=True)
+        return 0
+    if rc != 0:
+        show_tail(log)
+        print(f"vLLM server exited with status {rc}; full log: {log}", flush=True)
+    return rc
 
 
 def add_commands(sub) -> None:

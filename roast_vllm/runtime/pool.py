@@ -184,15 +184,20 @@ class WorkerPool:
             return self
         import ray
 
+        from roast_vllm.runtime.quiet import active_log, quiet_ray_loggers
+
+        quiet_ray_loggers()  # Ray's import attached its stderr handler; init logs through it
         if not ray.is_initialized():
             ray.init(
                 address=self.pool.address,
                 include_dashboard=False,
                 ignore_reinit_error=True,
                 logging_level=logging.WARNING,
-                log_to_driver=True,
+                # quiet: workers' output stays in Ray's session logs, not on our terminal
+                log_to_driver=active_log() is None,
             )
             self._ray_started = True
+        quiet_ray_loggers()
         self._actors = [self._new_actor(i) for i in range(self.pool.workers)]
         ray.get([a.ping.remote() for a in self._actors])  # surface start-up errors here
         return self
