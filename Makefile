@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint format bench bench-kernels bench-roast clean bench-decode bench-grouped-css bench-estimate-memory bench-interleaved
+.PHONY: setup setup-llama-cpp demo test test-fast lint format bench bench-kernels bench-roast clean bench-decode bench-grouped-css bench-estimate-memory bench-interleaved
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,12 @@ $(VENV)/.installed: setup.py
 	$(PIP) install -q --no-deps "repeng==0.4.0"
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec || true
 	touch $@
+
+# Optional: llama.cpp as a client (tests/test_llama_cpp.py, skipped without it). No wheel
+# on PyPI: this builds llama.cpp from source (~4 min on 2 cores), so CI leaves it out.
+setup-llama-cpp: setup
+	CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF" \
+		$(PIP) install -q --no-deps "llama-cpp-python==0.3.36" "diskcache>=5"
 
 demo: setup
 	$(PY) -m roast_vllm.cli.demo
