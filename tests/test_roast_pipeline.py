@@ -22,6 +22,10 @@ pytestmark = pytest.mark.engine
 
 DATA = data_dir()
 TQA = str(DATA / "truthfulqa_dev.csv")
+#: fp32 engines on every CPU: the comparisons below (across sharding and worker counts,
+#: streamed vs in-memory reductions) hold to fp32 batch effects; where the CPU has native
+#: bf16 (AMX) the default dtype would be bf16, whose batch effects are ~1e3 times larger.
+FP32 = {"dtype": "float32"}
 
 
 def _check_records(rows, questions, n):
@@ -63,7 +67,7 @@ def test_ray_rollouts_two_workers_survive_a_killed_worker(tmp_path, resumed_run)
     out = run_rollouts(
         cfg,
         tmp_path / "r.parquet",
-        EngineOptions(max_model_len=1024),
+        EngineOptions(max_model_len=1024, extra=FP32),
         PoolOptions(workers=2),
         progress=False,
         on_shard=kill_one,
@@ -81,7 +85,7 @@ def test_ray_rollouts_two_workers_survive_a_killed_worker(tmp_path, resumed_run)
     one = run_rollouts(
         dataclasses.replace(cfg, shard_size=10),
         tmp_path / "one.jsonl",
-        EngineOptions(max_model_len=1024),
+        EngineOptions(max_model_len=1024, extra=FP32),
         PoolOptions(workers=0),
         progress=False,
     )
@@ -103,6 +107,7 @@ def resumed_run(tmp_path_factory):
     argv = roast_cli(
         "rollout", "--task", "truthfulqa_mc", "--data", TQA, "--limit", "10", "--n", "3",
         "--shard-size", "2", "--out", str(out), "--workers", "0", "--max-model-len", "1024", "--quiet",
+        "--dtype", "float32",
     )  # fmt: skip
     log = d / "first_run.log"
     with open(log, "w") as f:
@@ -147,7 +152,9 @@ def test_killed_rollout_resumes_without_redoing_or_duplicating(resumed_run):
 
 def _cli(*args: str, workers: int = 0) -> str:
     """Run ``roast-vllm ARGS`` in a subprocess (``workers=0``: one eager engine, no Ray)."""
-    argv = roast_cli(*args, "--workers", str(workers), "--max-model-len", "1024", "--quiet")
+    argv = roast_cli(
+        *args, "--workers", str(workers), "--max-model-len", "1024", "--quiet", "--dtype", "float32"
+    )
     r = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
@@ -203,7 +210,7 @@ def test_streamed_estimate_equals_all_in_memory_on_real_rollouts(resumed_run):
     rollouts = read_records(resumed_run[1])
     qs = select("truthfulqa_mc", TQA, limit=10)
     tol = 1e-5  # fp32; capture batches differ between the two, the reductions' order too
-    eng = EngineOptions(max_model_len=1024)
+    eng = EngineOptions(max_model_len=1024, extra=FP32)
     errs = {}
     with WorkerPool(eng, PoolOptions(workers=0)) as wp:
         for opts in (
