@@ -20,7 +20,7 @@ setup(
     # kernels/ stays a top-level folder in the repo but installs as roast_vllm.kernels,
     # so no package called `kernels` lands in site-packages.
     package_dir={"roast_vllm.kernels": "kernels"},
-    package_data={"roast_vllm": ["data/*.txt"]},
+    package_data={"roast_vllm": ["data/*.txt", "data/*.json"]},
     install_requires=[
         "torch>=2.4",
         "safetensors>=0.4",

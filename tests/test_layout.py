@@ -27,7 +27,7 @@ ALLOWED = {
     "methods": {"roast_vllm", "runtime", "engine", "kernels", "tasks", "vector", "envs"},
     "cli": {"roast_vllm", "methods", "runtime", "engine", "kernels", "tasks", "vector", "envs"},
 }
-COMMAND_GROUPS = ("model", "vectors", "generate", "serve", "roast", "fusion")
+COMMAND_GROUPS = ("model", "vectors", "generate", "serve", "roast", "fusion", "concept")
 
 
 def _modules() -> dict[str, Path]:

@@ -47,7 +47,7 @@ def tqa_questions(data_dir, tqa) -> list[Question]:
 
 
 def test_registry_lists_tasks_and_rejects_unknown():
-    assert TASKS == ("gsm8k", "truthfulqa_mc", "prompts")
+    assert TASKS == ("gsm8k", "truthfulqa_mc", "prompts", "concept")
     for name in TASKS:
         task = get_task(name)
         assert task.name == name and task.default_max_tokens > 0

@@ -7,6 +7,7 @@ roast-vllm serve --vector happy=v.safetensors --port 8000   # + any `vllm serve`
 roast-vllm generate "Hi" --dtype float32 -tp 2           # + any vLLM engine argument
 roast-vllm rollout | estimate | eval ...      # ROAST end to end                              cli/roast.py
 roast-vllm fusion references | search ...     # Fusion Steering                               cli/fusion.py
+roast-vllm concept vectors | eval ...        # concept-steering benchmark                    cli/concept.py
 python -m roast_vllm.cli.demo                 # the demo (`make demo`)                        cli/demo.py
 
 Command modules import ``cli.common`` and the library, never each other or this module.
@@ -20,7 +21,7 @@ import sys
 from roast_vllm.engine import args as engine_args
 
 #: command modules, in the order their commands appear in ``--help``
-GROUPS = ("model", "vectors", "generate", "serve", "roast", "fusion")
+GROUPS = ("model", "vectors", "generate", "serve", "roast", "fusion", "concept")
 
 
 def build_parser() -> argparse.ArgumentParser:

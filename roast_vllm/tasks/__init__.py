@@ -24,6 +24,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "gsm8k": ("roast_vllm.tasks.gsm8k", "GSM8K"),
     "truthfulqa_mc": ("roast_vllm.tasks.truthfulqa", "TruthfulQAMC"),
     "prompts": ("roast_vllm.tasks.prompts", "Prompts"),
+    "concept": ("roast_vllm.tasks.concept", "ConceptTask"),
 }
 
 TASKS: tuple[str, ...] = tuple(_REGISTRY)

@@ -40,6 +40,16 @@ def mean_ci(xs: list[float], z: float = Z95) -> list[float]:
     return [m - z * sd / math.sqrt(n), m + z * sd / math.sqrt(n)]
 
 
+def sign_test(wins: int, losses: int) -> float:
+    """Exact two-sided sign test (binomial(n, 1/2), ties dropped): McNemar's exact test
+    on discordant pairs, or wins / losses of paired per-unit differences."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    k = min(wins, losses)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
 def mc_scores(ll_true: list[float], ll_false: list[float], best_index: int = 0) -> tuple[float, float]:
     """``(mc1, mc2)`` of one question from answer log-likelihoods. MC1: the best answer
     (``ll_true[best_index]``) beats every incorrect one; MC2: sum p(true) / sum p(all)."""

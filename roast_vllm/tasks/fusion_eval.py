@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from roast_vllm.tasks import Question
-from roast_vllm.tasks.evaluate import mean_ci, wilson
+from roast_vllm.tasks.evaluate import mean_ci, sign_test, wilson
 
 THRESHOLD = 0.6
 #: The second baseline: unsteered, but no end of text before ``--baseline-min-tokens``
@@ -70,12 +70,7 @@ def judge_rows(rows: dict[str, dict], questions: Sequence[Question], judge) -> d
 def mcnemar_exact(b: int, c: int) -> float:
     """Two-sided exact McNemar p-value from the discordant counts ``b`` (only the first
     right) and ``c`` (only the second right): binomial(b + c, 1/2)."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    k = min(b, c)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
-    return min(1.0, 2 * tail)
+    return sign_test(b, c)
 
 
 def summarize(rows: dict[str, dict], baseline: dict[str, dict] | None = None) -> dict:
