@@ -66,7 +66,9 @@ def cmd_vectors(args) -> None:
             if fields is None:
                 vecs = caa_vectors(cs, ins, wp, model_dims(model)["num_layers"], layers, str(model))
             else:
-                vecs = roast_vectors(cs, ins, labels, EstimateOptions(**fields), eng, wp)
+                vecs = roast_vectors(
+                    cs, ins, labels, EstimateOptions(**fields), eng, wp, progress=not args.quiet
+                )
             (out / name).mkdir(exist_ok=True)
             for c, v in vecs.items():
                 v.save(out / name / f"{c}.safetensors")
@@ -254,7 +256,10 @@ def add_commands(sub) -> None:
     s.add_argument("--methods", default="roast,roast_ungrouped,roast_residual,caa")
     s.add_argument("--scales", default="1,2,4,8", help="scale sweep (part a) for every method")
     s.add_argument(
-        "--caa-scales", default=None, help="CAA's own sweep (its vectors are raw mean differences)"
+        "--sweep",
+        default=None,
+        help="per-method sweeps replacing --scales, e.g. 'roast=0.25,0.5,1;caa=0.1,0.25' "
+        "(CAA vectors are raw mean differences)",
     )
     s.add_argument("--layer-sets", default="all;8-20", help="';'-separated layer sets to sweep")
     s.add_argument("--max-steering-slots", type=int, default=256)

@@ -153,12 +153,15 @@ def roast_vectors(
     its verified pairs; a concept without a pair is left out (and says so in the result's
     absence). ``opts``: ``EstimateOptions`` (fallbacks are forced off: concept questions
     have no gold answers)."""
+    from tqdm import tqdm
+
     from roast_vllm.methods.estimate import estimate_from_rollouts
 
     opts = replace(opts, gold_fallback=False, wrong_fallback=False)
     text = {i.qid: i.text for i in ins}
     out = {}
-    for c in cs:
+    label = f"{opts.method} {opts.site}{'' if opts.grouped else ' ungrouped'} vectors"
+    for c in tqdm(cs, desc=label, unit="concept", disable=not progress):
         questions, rollouts = [], []
         for iq, (pos, neg) in labels.pairs[c.name].items():
             if not pos or not neg:
