@@ -61,17 +61,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return engine_args.parse_args(build_parser(), argv)
 
 
-#: Commands that start no engine: nothing to keep quiet.
-LIGHT = ("prepare-model", "convert")
+#: Commands with no engine in this process: nothing to keep quiet (``serve`` runs vLLM's
+#: server as a child and handles its output itself, ``cli/serve.py``).
+LIGHT = ("prepare-model", "convert", "serve")
 
 
 def main(argv: list[str] | None = None) -> None:
     from roast_vllm.runtime.quiet import quiet_logs
 
     args = parse_args(argv)
-    light = args.command in LIGHT or getattr(args, "dry_run", False) or args.command == "serve"
+    light = args.command in LIGHT or getattr(args, "dry_run", False)
     try:
-        # serve runs vLLM's server as a child and handles its output itself (cli/serve.py)
         with quiet_logs(
             args.command, verbose=args.verbose or light, path=args.log_file, until_exit=argv is None
         ):

@@ -53,8 +53,7 @@ def cmd_vectors(args) -> None:
         ro = sample_rollouts(cs, ins, wp, n=args.n, max_tokens=args.max_tokens, seed=args.seed)
         # the verifier's threshold from part a's concepts only, then applied to every concept
         cs_a = [c for c in cs if c.name in tune] or cs
-        t = label_rollouts(judge, cs_a, ins, ro).threshold
-        labels = label_rollouts(judge, cs, ins, ro, threshold=t)
+        labels = label_rollouts(judge, cs, ins, ro, tune=[c.name for c in cs_a])
         print(
             f"judge threshold {labels.threshold:.3f} (balanced accuracy {labels.balanced_accuracy:.3f}); "
             f"kept {labels.counts['on_kept']}/{labels.counts['on_total']} on-concept, "
@@ -168,9 +167,7 @@ def cmd_eval(args) -> None:
             flush=True,
         )
         chosen = [Condition("unsteered"), Condition("prompting")]
-        for m, key in best.items():
-            s, ls = key.split("@")[1].split("/", 1)
-            chosen.append(Condition(m, float(s), ls))
+        chosen += [Condition.from_key(key) for key in best.values()]
         cs, ins = parts["b"]
         rows_b, stats_b = generate_rows(llm, cs, ins, chosen, name, args.max_tokens)
         rows_b = grade_rows(judge, rows_b, cs, ins, stats_b.pop("baseline"))

@@ -31,6 +31,24 @@ def cmd_generate(args) -> None:
             "error: several --vector files: say how to combine them with --steer, e.g. "
             f"--steer '{','.join(f'{n}:1.0' for n in vectors)}'"
         )
+    steer = None
+    if args.steer:
+        steer = {"steer_vectors": args.steer, "steer_positions": args.positions}
+    elif vectors:
+        steer = {
+            "steer_vector": next(iter(vectors)),
+            "steer_scale": args.scale,
+            "steer_positions": args.positions,
+        }
+        if args.layers:
+            steer["steer_layers"] = parse_layers(args.layers)
+    if steer is not None:  # the request's form, before an engine starts for it
+        from roast_vllm.engine.spec import SteeringRequestError, parse_steer_args
+
+        try:
+            parse_steer_args(steer)
+        except SteeringRequestError as e:
+            raise SystemExit(f"error: {e}") from None
     model = args.model or default_model()
     kw = engine_kwargs_for(args, max_model_len=args.max_model_len, seed=args.seed)
     if args.eager:
@@ -43,24 +61,6 @@ def cmd_generate(args) -> None:
     else:
         prompts_in = prompts
     base = dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-    steer = None
-    if args.steer:
-        steer = {"steer_vectors": args.steer, "steer_positions": args.positions}
-    elif vectors:
-        steer = {
-            "steer_vector": next(iter(vectors)),
-            "steer_scale": args.scale,
-            "steer_positions": args.positions,
-        }
-        if args.layers:
-            steer["steer_layers"] = parse_layers(args.layers)
-    if steer is not None:
-        from roast_vllm.engine.spec import SteeringRequestError, parse_steer_args
-
-        try:
-            parse_steer_args(steer)
-        except SteeringRequestError as e:
-            raise SystemExit(f"error: {e}") from None
     params = []
     if args.compare:
         params = [SamplingParams(**base)] * len(prompts) + [SamplingParams(**base, extra_args=steer)] * len(

@@ -129,22 +129,16 @@ def cmd_serve(args) -> None:
     os.environ.update(env)
     if args.verbose:
         os.execvp(cmd[0], cmd)  # vLLM's own output, as `vllm serve` gives it
-    raise SystemExit(run_quietly(cmd, vectors, args.log_file))
+    given = args.engine_kwargs  # the `vllm serve` options, parsed by vLLM's own parser
+    raise SystemExit(run_quietly(cmd, vectors, given.get("host"), given.get("port", 8000), args.log_file))
 
 
-def _flag(cmd: list[str], name: str, default: str) -> str:
-    for i, tok in enumerate(cmd):
-        if tok == name and i + 1 < len(cmd):
-            return cmd[i + 1]
-        if tok.startswith(name + "="):
-            return tok.split("=", 1)[1]
-    return default
-
-
-def run_quietly(cmd: list[str], vectors: dict[str, str], log_file: str | None = None) -> int:
+def run_quietly(
+    cmd: list[str], vectors: dict[str, str], host: str | None, port: int, log_file: str | None = None
+) -> int:
     """Run the server with its output in a log file; print the log's path, then one line
-    when it answers (its URL, vectors, registry route); on exit, its status (and the
-    log's last lines if it failed). Ctrl-C stops it."""
+    when it answers on ``host:port`` (its URL, vectors, registry route); on exit, its
+    status (and the log's last lines if it failed). Ctrl-C stops it."""
     import signal
     import subprocess
     import time
@@ -156,9 +150,8 @@ def run_quietly(cmd: list[str], vectors: dict[str, str], log_file: str | None = 
     print(f"(vLLM logs: {log}; --verbose shows them here)", flush=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    host = _flag(cmd, "--host", "127.0.0.1")
-    host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
-    base = f"http://{host}:{_flag(cmd, '--port', '8000')}"
+    host = "127.0.0.1" if host in (None, "0.0.0.0", "", "::") else host  # all interfaces
+    base = f"http://{host}:{port}"
     t0 = time.time()
     try:
         while proc.poll() is None:

@@ -41,11 +41,21 @@ def set_model(
     dtype: str | None = None,
     allow_capture: bool = False,
     fusion: bool = True,
+    hidden_size: int | None = None,
+    mlp_size: int | None = None,
+    vector_dirs: tuple[str, ...] = (),
 ) -> None:
     global _model, _env_loaded
     _env_loaded = True  # the caller's model info wins over ROAST_VLLM_CONFIG (read it first: reset())
     _model = ModelInfo(
-        num_layers, max_model_len, None if dtype is None else str(dtype), allow_capture, fusion
+        num_layers,
+        max_model_len,
+        None if dtype is None else str(dtype),
+        allow_capture,
+        fusion,
+        hidden_size,
+        mlp_size,
+        tuple(vector_dirs),
     )
 
 
@@ -121,10 +131,16 @@ def _load_env_once() -> None:
     cfg = RoastConfig.from_env()
     if cfg is None:
         return
-    set_model(cfg.num_layers, cfg.max_model_len, cfg.model_dtype, cfg.allow_capture, cfg.fusion)
-    _model.hidden_size = cfg.hidden_size
-    _model.mlp_size = cfg.mlp_size
-    _model.vector_dirs = tuple(cfg.vector_dirs)
+    set_model(
+        cfg.num_layers,
+        cfg.max_model_len,
+        cfg.model_dtype,
+        cfg.allow_capture,
+        cfg.fusion,
+        cfg.hidden_size,
+        cfg.mlp_size,
+        tuple(cfg.vector_dirs),
+    )
     for name, path in cfg.vectors.items():
         add(name, SteeringVector.load(path), source=f"config: {path}")
 

@@ -198,60 +198,56 @@ async def _payload(request: Request) -> tuple[str, bytes, str]:
     return name, data, source
 
 
+def _not_found(name: str) -> RegistryError:
+    return RegistryError(404, f"no steering vector named {name!r}; registered: {registry.names()}")
+
+
 @router.get(ROUTE)
 async def list_vectors(request: Request):
-    try:
-        _state(request)
-    except RegistryError as e:
-        return _error(e.status, str(e))
+    _state(request)
     return {"object": "list", "data": registry.describe()}
 
 
 @router.get(ROUTE + "/{name:path}")
 async def get_vector(name: str, request: Request):
-    try:
-        _state(request)
-    except RegistryError as e:
-        return _error(e.status, str(e))
+    _state(request)
     found = registry.describe(name)
     if not found:
-        return _error(404, f"no steering vector named {name!r}; registered: {registry.names()}")
+        raise _not_found(name)
     return found[0]
 
 
 @router.post(ROUTE)
 async def register_vector(request: Request):
+    st = _state(request)
+    name, data, source = await _payload(request)
     try:
-        st = _state(request)
-        name, data, source = await _payload(request)
+        vec = read_vector(data, source)
+    except SteeringVectorError as e:
+        raise RegistryError(400, str(e)) from None
+    _check_fits(vec)
+    async with st.lock:
+        # workers first: a request is stamped with this version only once they hold it
         try:
-            vec = read_vector(data, source)
-        except SteeringVectorError as e:
-            raise RegistryError(400, str(e)) from None
-        _check_fits(vec)
-        async with st.lock:
-            # workers first: a request is stamped with this version only once they hold it
-            try:
-                await st.engine.collective_rpc("roast_register_vector", args=(name, vec.to_bytes()))
-            except Exception as e:  # a worker refused it (checked above, so unexpected)
-                raise RegistryError(500, f"the engine refused vector {name!r}: {e}") from None
-            registry.add(name, vec, source=source)
-    except RegistryError as e:
-        return _error(e.status, str(e))
+            await st.engine.collective_rpc("roast_register_vector", args=(name, vec.to_bytes()))
+        except Exception as e:  # a worker refused it (checked above, so unexpected)
+            raise RegistryError(500, f"the engine refused vector {name!r}: {e}") from None
+        registry.add(name, vec, source=source)
     return JSONResponse(status_code=201, content=registry.describe(name)[0])
 
 
 @router.delete(ROUTE + "/{name:path}")
 async def unregister_vector(name: str, request: Request):
-    try:
-        st = _state(request)
-    except RegistryError as e:
-        return _error(e.status, str(e))
+    st = _state(request)
     async with st.lock:
         if not registry.remove(name):  # this process first: no new request can name it
-            return _error(404, f"no steering vector named {name!r}; registered: {registry.names()}")
+            raise _not_found(name)
         await st.engine.collective_rpc("roast_unregister_vector", args=(name,))
     return {"deleted": name}
+
+
+async def _on_registry_error(request: Request, exc: RegistryError) -> JSONResponse:
+    return _error(exc.status, str(exc))
 
 
 class RegistryPlugin:
@@ -262,6 +258,8 @@ class RegistryPlugin:
 
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(router)
+        # every route reports its RegistryError (status, reason) as vLLM's error body
+        app.add_exception_handler(RegistryError, _on_registry_error)
 
     async def init_state(self, engine_client, state, args) -> None:
         state.roast_registry = _Registry(engine_client, int(getattr(args, "api_server_count", 1) or 1))

@@ -140,6 +140,11 @@ class SteerSpec:
     #: ``digest`` one digest per term joined by commas.
     terms: tuple[SteerTerm, ...] = ()
 
+    def term_specs(self) -> list[SteerSpec]:
+        """A combination's terms, each as the single-vector request it adds (the
+        combination's scope)."""
+        return [SteerSpec(t.vector, t.scale, t.layers, self.positions, self.start) for t in self.terms]
+
     @property
     def digests(self) -> tuple[str, ...] | None:
         """The pinned version of each vector (one per term; one for a single vector)."""
@@ -510,8 +515,7 @@ def check_against(
     its own request, and the sum of the terms' largest additions within the bound."""
     if spec.terms:
         total = 0.0
-        for i, t in enumerate(spec.terms):
-            one = SteerSpec(t.vector, t.scale, t.layers, spec.positions, spec.start)
+        for i, (t, one) in enumerate(zip(spec.terms, spec.term_specs())):
             try:
                 check_against(one, vectors, num_layers, max_model_len, dtype, fusion)
             except SteeringRequestError as e:

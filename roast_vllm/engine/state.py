@@ -379,10 +379,13 @@ class SteeringState(nn.Module):
         self._free.append(slot.index)
 
     # -------------------------------------------------------------- slots
-    def _resolve(self, spec: SteerSpec) -> list[tuple[SteeringVector, tuple[int, ...], list[float] | None]]:
-        """``[(vector, layers, per-layer scales or None)]`` of ``spec``'s vectors at their
-        pinned versions: one entry, or one per term of a combination (whose scales are
-        always folded). Raises ``SteeringVectorError`` if anything does not fit."""
+    def _resolve(
+        self, spec: SteerSpec
+    ) -> tuple[str, list[tuple[SteeringVector, tuple[int, ...], list[float] | None]]]:
+        """``(digest, [(vector, layers, per-layer scales or None)])`` of ``spec``'s vectors
+        at their pinned versions: one entry, or one per term of a combination (whose scales
+        are always folded); ``digest`` the versions joined by commas (``spec.digests``'
+        form). Raises ``SteeringVectorError`` if anything does not fit."""
         terms = spec.terms or (SteerTerm(spec.vector, 1.0, spec.layers),)
         digests = spec.digests or tuple(self.names.get(t.vector) for t in terms)
         if len(digests) != len(terms):
@@ -403,13 +406,13 @@ class SteeringState(nn.Module):
             if vec.site == "mlp_act" and not self.mlp_size:
                 raise SteeringVectorError(f"vector {t.vector!r} is an mlp_act vector; that site is off")
             out.append((vec, layers, [t.scale] * self.num_layers if spec.terms else None))
-        return out
+        return ",".join(digests), out
 
     def acquire(self, spec: SteerSpec) -> int:
         """The slot index for ``spec`` (shared with every row of the same configuration).
         Raises ``SteeringVectorError`` if the spec does not fit its vector(s) and
         ``SlotsExhausted`` if no slot is free; writes nothing in either case."""
-        parts = self._resolve(spec)
+        digest, parts = self._resolve(spec)
         fusion = spec.mode == "fusion"
         if fusion:
             if not self.fusion:
@@ -436,9 +439,7 @@ class SteeringState(nn.Module):
         # fold the scales into the slot's rows (slot_scale 1.0) for a per-layer scale, Fusion
         # and combinations; a single vector at one scale keeps its rows and slot_scale
         fold = per_layer or fusion or bool(spec.terms)
-        digest = ",".join(v.digest() for v, _, _ in parts) if spec.terms else parts[0][0].digest()
-        digest = spec.digest or digest
-        key = (digest, spec.scale, spec.layers, spec.mode, tuple((t.scale, t.layers) for t in spec.terms))
+        key = (digest, *spec.slot_key[1:])  # the front end's key, with the resolved versions
         slot = self._slots.get(key)
         if slot is None:
             if not self._free:

@@ -26,10 +26,9 @@ own on the same pool; CAA's prompt captures are one job set.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from typing import Any
-
-import torch
 
 from roast_vllm.tasks import Question
 from roast_vllm.tasks.concept import Concept, Instruction, concept_prompt, prompting_baseline
@@ -107,30 +106,45 @@ class Labels:
 
 
 def label_rollouts(
-    judge, cs: list[Concept], ins: list[Instruction], ro: Rollouts, threshold: float | None = None
+    judge,
+    cs: list[Concept],
+    ins: list[Instruction],
+    ro: Rollouts,
+    tune: Collection[str] | None = None,
 ) -> Labels:
     """Score every concept rollout and instruction rollout against every (concept,
-    instruction) pair's baseline with ``judge`` (a ``ConceptJudge``), choose the threshold
-    on these concepts unless given, and keep the verified texts per pair."""
-    from roast_vllm.tasks.concept_judge import best_threshold
+    instruction) pair's baseline with ``judge`` (a ``ConceptJudge``: its calibrated concept
+    score), choose the threshold on the concepts named in ``tune`` (default: all), and
+    keep the verified texts per pair. Each text and description is embedded once."""
+    from roast_vllm.tasks.concept_judge import best_threshold, concept_score
 
+    texts = list(
+        dict.fromkeys(
+            [*(y for v in ro.concept.values() for y in v), *(y for v in ro.instruction.values() for y in v)]
+            + list(ro.baseline.values())
+        )
+    )
+    row = {t: k for k, t in enumerate(texts)}
+    sims = judge.judge.embed(texts) @ judge.judge.embed([c.description for c in cs]).T  # [texts, concepts]
     on_scores: dict[tuple[str, str], list[float]] = {}
     off_scores: dict[tuple[str, str], list[float]] = {}
-    for c in cs:
+    for j, c in enumerate(cs):
         for i in ins:
-            base = ro.baseline[i.qid]
-            pos, neg = ro.concept[c.name], ro.instruction[i.qid]
-            on_scores[c.name, i.qid] = judge.concept(pos, [c.description] * len(pos), [base] * len(pos))
-            off_scores[c.name, i.qid] = judge.concept(neg, [c.description] * len(neg), [base] * len(neg))
-    if threshold is None:
-        threshold, acc = best_threshold(
-            [s for v in on_scores.values() for s in v], [s for v in off_scores.values() for s in v]
-        )
-    else:
-        on = [s > threshold for v in on_scores.values() for s in v]
-        off = [s <= threshold for v in off_scores.values() for s in v]
-        acc = 0.5 * (sum(on) / max(len(on), 1) + sum(off) / max(len(off), 1))
-    lab = Labels(threshold, acc)
+            base = float(sims[row[ro.baseline[i.qid]], j])
+            on_scores[c.name, i.qid] = [
+                concept_score(float(sims[row[y], j]), base) for y in ro.concept[c.name]
+            ]
+            off_scores[c.name, i.qid] = [
+                concept_score(float(sims[row[y], j]), base) for y in ro.instruction[i.qid]
+            ]
+    chosen = set(tune) if tune is not None else {c.name for c in cs}
+    threshold, _ = best_threshold(
+        [s for (c, _), v in on_scores.items() if c in chosen for s in v],
+        [s for (c, _), v in off_scores.items() if c in chosen for s in v],
+    )
+    on = [s > threshold for v in on_scores.values() for s in v]
+    off = [s <= threshold for v in off_scores.values() for s in v]
+    lab = Labels(threshold, 0.5 * (sum(on) / max(len(on), 1) + sum(off) / max(len(off), 1)))
     kept_on = kept_off = 0
     for c in cs:
         lab.pairs[c.name] = {}
@@ -140,9 +154,7 @@ def label_rollouts(
             lab.pairs[c.name][i.qid] = (pos, neg)
             kept_on += len(pos)
             kept_off += len(neg)
-    total_on = sum(len(v) for v in on_scores.values())
-    total_off = sum(len(v) for v in off_scores.values())
-    lab.counts = {"on_kept": kept_on, "on_total": total_on, "off_kept": kept_off, "off_total": total_off}
+    lab.counts = {"on_kept": kept_on, "on_total": len(on), "off_kept": kept_off, "off_total": len(off)}
     return lab
 
 
@@ -233,9 +245,3 @@ def caa_vectors(
             },
         )
     return out
-
-
-def mean_norm(vectors: dict[str, SteeringVector]) -> float:
-    """Mean over vectors and layers of ``||v_l||`` (scale sweeps are relative to it)."""
-    norms = [float(torch.linalg.vector_norm(d)) for v in vectors.values() for d in v.directions.values()]
-    return sum(norms) / max(len(norms), 1)

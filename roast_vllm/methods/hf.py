@@ -67,9 +67,8 @@ def steering_hooks(
     ``spec.layer_scales(L)[l]``: the scale, or its entry for layer ``l``'s third / layer."""
     if spec.terms:
         with ExitStack() as stack:
-            for t in spec.terms:
-                one = SteerSpec(t.vector, t.scale, t.layers, spec.positions, spec.start)
-                stack.enter_context(steering_hooks(model, vector[t.vector], one, prompt_len))
+            for one in spec.term_specs():
+                stack.enter_context(steering_hooks(model, vector[one.vector], one, prompt_len))
             yield
         return
     layers = spec.layers if spec.layers is not None else tuple(vector.layers)

@@ -43,6 +43,15 @@ class Condition:
             return self.method
         return f"{self.method}@{self.scale:g}/{self.layers}"
 
+    @classmethod
+    def from_key(cls, key: str) -> Condition:
+        """The condition a :attr:`key` names (its inverse)."""
+        method, at, rest = key.partition("@")
+        if not at:
+            return cls(method)
+        scale, _, layers = rest.partition("/")
+        return cls(method, float(scale), layers)
+
 
 def parse_layers(label: str, num_layers: int) -> list[int] | None:
     """``"all"`` -> None (every layer of the vector); ``"6-20"`` -> [6..20]; ``"3,5"``."""
@@ -91,9 +100,7 @@ def tune(rows: Sequence[dict], methods: Sequence[str]) -> dict[str, str]:
         cands = [(k, v) for k, v in summary.items() if k.startswith(m + "@")]
         if not cands:
             raise ValueError(f"no condition of method {m!r} in the rows")
-        best[m] = max(cands, key=lambda kv: (kv[1]["aggregate"], -float(kv[0].split("@")[1].split("/")[0])))[
-            0
-        ]
+        best[m] = max(cands, key=lambda kv: (kv[1]["aggregate"], -Condition.from_key(kv[0]).scale))[0]
     return best
 
 

@@ -26,8 +26,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import torch
-
 from roast_vllm.tasks.judge import EmbeddingJudge
 
 
@@ -64,15 +62,17 @@ class ConceptJudge:
     def __init__(self, judge: EmbeddingJudge | None = None) -> None:
         self.judge = judge or EmbeddingJudge()
 
-    def _sims(self, texts: Sequence[str], refs: Sequence[str]) -> torch.Tensor:
-        """Row-wise cosine similarity of ``texts[i]`` with ``refs[i]`` (each distinct text
-        embedded once)."""
-        uniq = list(dict.fromkeys([*texts, *refs]))
+    def _sims(self, *pairs: tuple[Sequence[str], Sequence[str]]) -> list[list[float]]:
+        """For each ``(texts, refs)``: the row-wise cosine similarity of ``texts[i]`` with
+        ``refs[i]``. Every distinct text of all pairs is embedded once, in one batch."""
+        uniq = list(dict.fromkeys(t for texts, refs in pairs for t in (*texts, *refs)))
         index = {t: i for i, t in enumerate(uniq)}
         e = self.judge.embed(uniq)
-        a = e[[index[t] for t in texts]]
-        b = e[[index[t] for t in refs]]
-        return (a * b).sum(-1)
+        out = []
+        for texts, refs in pairs:
+            a, b = e[[index[t] for t in texts]], e[[index[t] for t in refs]]
+            out.append([float(x) for x in (a * b).sum(-1)])
+        return out
 
     def concept(
         self, outputs: Sequence[str], descriptions: Sequence[str], baselines: Sequence[str]
@@ -80,22 +80,15 @@ class ConceptJudge:
         """Calibrated concept score of each output (``baselines[i]``: the unsteered answer
         to output ``i``'s instruction)."""
         _same_length(outputs, descriptions, baselines)
-        s = self._sims(outputs, descriptions)
-        b = self._sims(baselines, descriptions)
-        return [concept_score(float(x), float(y)) for x, y in zip(s, b)]
-
-    def raw_concept(self, outputs: Sequence[str], descriptions: Sequence[str]) -> list[float]:
-        """Uncalibrated ``cos(y, d)`` (shown beside the calibrated score in reports)."""
-        _same_length(outputs, descriptions)
-        return [float(x) for x in self._sims(outputs, descriptions)]
+        s, b = self._sims((outputs, descriptions), (baselines, descriptions))
+        return [concept_score(x, y) for x, y in zip(s, b)]
 
     def relevance(
         self, outputs: Sequence[str], instructions: Sequence[str], baselines: Sequence[str]
     ) -> list[float]:
         _same_length(outputs, instructions, baselines)
-        s = self._sims(outputs, instructions)
-        b = self._sims(baselines, instructions)
-        return [relevance_score(float(x), float(y)) for x, y in zip(s, b)]
+        s, b = self._sims((outputs, instructions), (baselines, instructions))
+        return [relevance_score(x, y) for x, y in zip(s, b)]
 
     def grade(
         self,
@@ -107,20 +100,24 @@ class ConceptJudge:
         base_lps: Sequence[float],
     ) -> list[dict]:
         """Per output: ``concept_score``, ``relevance``, ``fluency``, ``aggregate``
-        (harmonic mean) and ``concept_raw``."""
+        (harmonic mean) and ``concept_raw`` (the uncalibrated ``cos(y, d)``)."""
         _same_length(outputs, descriptions, instructions, baselines, lps, base_lps)
-        c = self.concept(outputs, descriptions, baselines)
-        r = self.relevance(outputs, instructions, baselines)
-        raw = self.raw_concept(outputs, descriptions)
+        raw, base_c, rel, base_r = self._sims(
+            (outputs, descriptions),
+            (baselines, descriptions),
+            (outputs, instructions),
+            (baselines, instructions),
+        )
         out = []
         for i in range(len(outputs)):
+            c, r = concept_score(raw[i], base_c[i]), relevance_score(rel[i], base_r[i])
             f = fluency_score(lps[i], base_lps[i])
             out.append(
                 {
-                    "concept_score": c[i],
-                    "relevance": r[i],
+                    "concept_score": c,
+                    "relevance": r,
                     "fluency": f,
-                    "aggregate": harmonic(c[i], r[i], f),
+                    "aggregate": harmonic(c, r, f),
                     "concept_raw": raw[i],
                 }
             )
