@@ -109,6 +109,32 @@ def test_mean_capture_matches_transformers_hooks(llm, hf_model, seqs):
         reference_vectors(llm, seq[:1], [len(seq[0])], progress=False)
 
 
+def test_response_mean_capture_of_texts_matches_transformers_hooks(llm, hf_model):
+    """A worker's ``capture_texts(..., pooling="response_mean")`` (ROAST's token-mean
+    variant): the residual averaged over the response's tokens of ``prompt(q) ⊕ r``, vs
+    transformers hooks; an empty response is its prompt's last token. Near miss: the
+    mean from one position earlier (the prompt's last token included) is further off."""
+    from roast_vllm.methods.fusion import mean_residual_hf
+    from roast_vllm.runtime.jobs import prompt_ids, response_ids
+    from roast_vllm.runtime.pool import EngineWorker
+    from roast_vllm.tasks import Question
+
+    w = EngineWorker.around(llm)
+    q = Question("q", "Name a planet.", [{"role": "user", "content": "Name a planet."}], "", "", [])
+    items = [(q, "Mars is the fourth planet from the Sun."), (q, "Venus."), (q, "")]
+    got = w.capture_texts(items, list(range(30)), ["residual"], "response_mean")["residual"]
+    p = prompt_ids(w.tok, q)
+    seqs = [p + response_ids(w.tok, r) for _, r in items]
+    starts = [len(p), len(p), len(p) - 1]
+    ref = torch.stack([mean_residual_hf(hf_model, s, st) for s, st in zip(seqs, starts)]).transpose(0, 1)
+    _assert_close(got, ref)
+    early = mean_residual_hf(hf_model, seqs[0], len(p) - 1)  # [30, dim]
+    err = lambda x: float(((got[:, 0] - x).norm(dim=-1) / x.norm(dim=-1)).max())  # noqa: E731
+    assert err(early) > max(3 * err(ref[:, 0]), MAX_REL)
+    with pytest.raises(ValueError, match="pooling='first'"):
+        w.capture_texts(items, [0], ["residual"], "first")
+
+
 def capture_last(llm, seq):
     from roast_vllm.engine.capture import capture_activations
 

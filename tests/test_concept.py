@@ -13,6 +13,7 @@ from roast_vllm.tasks.concept_judge import (
     fluency_score,
     harmonic,
     relevance_score,
+    variety,
 )
 
 
@@ -55,8 +56,22 @@ def test_score_formulas():
     assert relevance_score(0.9, 0.5) == 1.0  # capped: more relevant than the plain answer is 1
     assert fluency_score(-2.0, -2.0) == 1.0 and fluency_score(-3.0, -2.0) == pytest.approx(0.3679, abs=1e-4)
     assert fluency_score(float("nan"), -2.0) == 0.0
+    # bigram variety relative to the plain answer's, capped at 1
+    assert fluency_score(-2.0, -2.0, 0.4, 0.8) == pytest.approx(0.5)
+    assert fluency_score(-2.0, -2.0, 0.9, 0.8) == 1.0
+    assert fluency_score(-3.0, -2.0, 0.4, 0.8) == pytest.approx(0.3679 / 2, abs=1e-4)
     assert harmonic(1.0, 1.0, 1.0) == 1.0 and harmonic(0.5, 1.0, 0.0) == 0.0
     assert harmonic(0.5, 1.0, 1.0) == pytest.approx(0.75)
+
+
+def test_variety_catches_loops_that_likelihood_rewards():
+    """A degenerate loop has few distinct bigrams; varied prose, and texts too short to
+    loop, have many."""
+    loop = "the cosmos, " * 20
+    assert variety(loop) < 0.1
+    assert variety("Natalia sold 48 clips in April and half as many in May, 72 in all.") == 1.0
+    assert variety("Yes.") == 1.0 and variety("") == 1.0
+    assert variety("a b a b a b a b") == pytest.approx(2 / 7)
 
 
 def test_best_threshold():
@@ -188,7 +203,8 @@ def test_concept_benchmark_end_to_end_tiny(model_dir, tmp_path, judge):
     # concept-prompt rollouts are told from instruction rollouts far above chance
     assert 0.0 <= labels["threshold"] < 1.0 and labels["balanced_accuracy"] > 0.8, labels["counts"]
     assert len(labels["concepts"]) == 4 and len(labels["instructions"]) == 4
-    for m in ("roast", "roast_ungrouped", "roast_residual", "caa"):
+    methods = ("roast", "roast_ungrouped", "roast_residual", "roast_residual_ungrouped", "roast_mean")
+    for m in (*methods, "roast_residual_mean", "caa"):
         assert len(labels["vectors"][m]) >= (4 if m == "caa" else 2), (m, labels["vectors"])
     from roast_vllm import SteeringVector
 
@@ -199,14 +215,25 @@ def test_concept_benchmark_end_to_end_tiny(model_dir, tmp_path, judge):
         a.directions[10].norm() * b.directions[10].norm()
     )
     assert cos < 0.95  # different concepts, different directions
-    r = SteeringVector.load(vec / "roast" / f"{labels['vectors']['roast'][0]}.safetensors")
-    assert r.site == "mlp_act" and r.method == "roast"
+    name = labels["vectors"]["roast"][0]
+    r = SteeringVector.load(vec / "roast" / f"{name}.safetensors")
+    assert r.site == "mlp_act" and r.method == "roast" and r.provenance["options"]["pooling"] == "last"
+    # the token-mean variant: the same pairs (one capture job set), another direction
+    rm = SteeringVector.load(vec / "roast_mean" / f"{name}.safetensors")
+    assert rm.provenance["options"]["pooling"] == "response_mean"
+    assert rm.provenance["n_pairs"] == r.provenance["n_pairs"]
+    assert float((rm.directions[10] - r.directions[10]).norm()) > 0.05 * float(r.directions[10].norm())
 
     ev = tmp_path / "eval"
-    main(
+    from roast_vllm.envs import data_dir
+
+    main(  # the issue's spelling; `roast-vllm concept eval` runs the same code
         [
-            "concept",
             "eval",
+            "--task",
+            "concept",
+            "--data",
+            str(data_dir()),
             "--vectors",
             str(vec),
             "--out",
@@ -241,3 +268,31 @@ def test_concept_benchmark_end_to_end_tiny(model_dir, tmp_path, judge):
     assert (ev / "concept.png").stat().st_size > 0 and (ev / "concept.csv").read_text().startswith(
         "condition,"
     )
+    # part a's sweep: every condition, and its plot
+    assert {r["condition"] for r in doc["sweep_a"]} == set(doc["summary_a"])
+    assert (ev / "sweep_a.png").stat().st_size > 0
+    import gzip
+
+    rows_a = [json.loads(x) for x in gzip.open(ev / "rows_a.jsonl.gz", "rt")]
+    assert len(rows_a) == runs["requests"] - 3 + 3 * n_a  # the unsteered answers once per concept
+    assert {r["condition"] for r in rows_a} == set(doc["summary_a"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--task", "concept", "--vector", "v.safetensors"], "does not take --vector"),
+        (["--task", "concept", "--split", "b", "--vectors", "d"], "does not take --split"),
+        (["--task", "concept"], "needs --vectors DIR"),
+        (["--task", "gsm8k", "--vectors", "d"], "--vectors is for --task concept"),
+    ],
+    ids=["vector", "split", "no-vectors", "vectors-elsewhere"],
+)
+def test_eval_task_concept_rejects_options_it_cannot_honour(argv, message, capsys):
+    """``roast-vllm eval --task concept`` is the concept benchmark: single-vector options
+    are refused before any engine starts, with what to give instead."""
+    from roast_vllm.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["eval", *argv, "--data", "x", "--out", "o"])
+    assert message in str(e.value)

@@ -223,3 +223,86 @@ def test_partial_sums_do_not_depend_on_job_order(model_dir):
             total.add(p)
         results.append(total.result("l2"))
     assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+class _CountingWorker:
+    """A ``SyntheticWorker`` that counts its captures (texts, sites) per call."""
+
+    calls: list = []
+
+    @classmethod
+    def make(cls):
+        from roast_vllm.runtime.synthetic import SyntheticWorker
+
+        class Counting(SyntheticWorker):
+            def capture_texts(self, items, layers, sites, pooling="last"):
+                cls.calls.append((len(items), tuple(sites), pooling))
+                return super().capture_texts(items, layers, sites, pooling)
+
+        return Counting
+
+
+def test_one_job_set_for_many_sets_and_variants(model_dir):
+    """``Estimates``: three sets (say, concepts) x three variants in one job set give each
+    (set, variant) the vector ``estimate_from_rollouts`` gives it alone, with each text
+    captured once for all variants (both sites in one capture)."""
+    from roast_vllm.methods.estimate import EstimateOptions, Estimates
+    from roast_vllm.runtime.pool import EngineOptions, PoolOptions, WorkerPool
+
+    sets = {}
+    for k in range(3):
+        qs, rollouts = _synthetic_set(12, seed=10 + k)
+        for q in qs:  # distinct question ids per set
+            q.qid = f"s{k}-{q.qid}"
+        for r in rollouts:
+            r["qid"] = f"s{k}-{r['qid']}"
+        sets[f"set{k}"] = (qs, rollouts)
+    variants = {
+        "mlp": EstimateOptions(layers=[0, 5, 29], capture_batch=9),
+        "mlp_ungrouped": EstimateOptions(layers=[0, 5, 29], capture_batch=9, grouped=False),
+        "residual_l2": EstimateOptions(layers=[0, 5, 29], capture_batch=9, site="residual", css="l2"),
+    }
+    eng = EngineOptions(model=model_dir)
+    _CountingWorker.calls.clear()
+    with WorkerPool(eng, PoolOptions(workers=0), worker_cls=_CountingWorker.make()) as wp:
+        est = Estimates(sets, variants, eng)
+        est.run(wp, progress=False)
+    calls = list(_CountingWorker.calls)
+    got = est.vectors({t: {"tag": t} for t in sets})
+    assert len(calls) == len(est.jobs) and all(c[1] == ("mlp_act", "residual") for c in calls)
+    assert sum(c[0] for c in calls) == sum(len(ps.texts) for ps in est.pairsets.values())
+    for name, opts in variants.items():
+        for tag, (qs, rollouts) in sets.items():
+            want = _streamed(qs, rollouts, opts, model_dir)
+            v = got[name][tag]
+            assert v.site == want.site and v.provenance["tag"] == tag
+            for l in opts.layers:
+                torch.testing.assert_close(v.directions[l], want.directions[l], rtol=1e-5, atol=1e-6)
+    # the sets are told apart (a job's result goes to its own set's total)
+    assert float((got["mlp"]["set0"].directions[5] - got["mlp"]["set1"].directions[5]).norm()) > 1e-2
+
+
+def test_variants_of_one_job_set_must_share_pairs_and_captures(model_dir):
+    from roast_vllm.methods.estimate import EstimateOptions, Estimates
+    from roast_vllm.runtime.pool import EngineOptions
+
+    qs, rollouts = _synthetic_set(4)
+    eng = EngineOptions(model=model_dir)
+    with pytest.raises(ValueError, match=r"agree on \['pooling'\]"):
+        Estimates(
+            {0: (qs, rollouts)}, {"a": EstimateOptions(), "b": EstimateOptions(pooling="response_mean")}, eng
+        )
+    with pytest.raises(ValueError, match="pooling='first'"):
+        Estimates({0: (qs, rollouts)}, {"a": EstimateOptions(pooling="first")}, eng)
+
+
+def test_response_mean_pooling_is_another_capture(model_dir):
+    """``pooling="response_mean"`` reaches the worker's capture (synthetic stand-in: its
+    pseudo-activations depend on the pooling), so the vector differs from ROC's."""
+    from roast_vllm.methods.estimate import EstimateOptions
+
+    qs, rollouts = _synthetic_set(10)
+    last = _streamed(qs, rollouts, EstimateOptions(layers=[3]), model_dir)
+    mean = _streamed(qs, rollouts, EstimateOptions(layers=[3], pooling="response_mean"), model_dir)
+    assert mean.provenance["options"]["pooling"] == "response_mean"
+    assert float((mean.directions[3] - last.directions[3]).norm()) > 1e-2 * float(last.directions[3].norm())

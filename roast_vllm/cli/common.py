@@ -168,3 +168,103 @@ def engine_options(args, compile_ok: bool = True, seeded: bool = False):
     # check the step settings here rather than in every worker (workers with GPUs: not CPU)
     eng.llm_kwargs(cpu=on_cpu() if args.workers == 0 or args.gpus_per_worker == 0 else False)
     return eng, pool
+
+
+# ------------------------------------------------------------ the concept benchmark
+#: ``roast-vllm concept vectors`` writes these; ``concept eval`` evaluates them by default
+CONCEPT_METHODS = "roast,roast_ungrouped,roast_residual,caa"
+
+
+def add_concept_eval(s, standalone: bool) -> None:
+    """The concept benchmark's evaluation options: on ``roast-vllm concept eval``
+    (``standalone``) and, as a group for ``--task concept``, on ``roast-vllm eval``."""
+    g = s if standalone else s.add_argument_group("--task concept", "the concept-steering benchmark")
+    g.add_argument(
+        "--vectors",
+        required=standalone,
+        default=None,
+        help="output folder of `roast-vllm concept vectors`" + ("" if standalone else " (--task concept)"),
+    )
+    g.add_argument("--methods", default=CONCEPT_METHODS, help="vector families to evaluate (subfolders)")
+    if standalone:
+        g.add_argument("--scales", default="1,2,4,8", help="scale sweep (part a) for every method")
+    g.add_argument(
+        "--sweep",
+        default=None,
+        help="per-method sweeps replacing --scales, e.g. 'roast=0.25,0.5,1;caa=0.1,0.25' "
+        "(CAA vectors are raw mean differences)",
+    )
+    g.add_argument("--layer-sets", default="all;8-20", help="';'-separated layer sets to sweep")
+    g.add_argument("--max-steering-slots", type=int, default=256)
+    if not standalone:
+        g.add_argument("--instructions", type=int, default=24, help="instructions per part")
+        g.add_argument(
+            "--instructions-pool", type=int, default=400, help="first N instructions split into parts a / b"
+        )
+
+
+def run_concept_eval(args, data_dir: str | None) -> None:
+    """The concept benchmark's evaluation (``roast_vllm.tasks.concept_eval``) from a
+    command's arguments: the parts with vectors of every method, one engine, the report
+    into ``args.out`` (a folder)."""
+    import roast_vllm
+    from roast_vllm.engine.llm import register_vector, shutdown
+    from roast_vllm.engine.model_prep import default_model
+    from roast_vllm.tasks.concept import concepts, instructions
+    from roast_vllm.tasks.concept_eval import evaluate_concepts, write_report
+    from roast_vllm.tasks.concept_judge import ConceptJudge
+    from roast_vllm.vector import SteeringVector
+
+    vdir = Path(args.vectors)
+    methods = [m for m in args.methods.split(",") if m]
+    missing = [m for m in methods if not (vdir / m).is_dir()]
+    if missing:
+        raise SystemExit(
+            f"error: {vdir} has no {missing} folders: make them with `roast-vllm concept vectors`"
+        )
+    sweeps = {m: floats(args.scales or "1,2,4,8") for m in methods}
+    for part in (p for p in (args.sweep or "").split(";") if p.strip()):
+        m, _, vals = part.partition("=")
+        if m.strip() not in sweeps or not vals:
+            raise SystemExit(f"error: --sweep {part!r}: give METHOD=s1,s2,... for one of {methods}")
+        sweeps[m.strip()] = floats(vals)
+    layer_sets = [x for x in args.layer_sets.split(";") if x]
+    parts = {}
+    for part in ("a", "b"):
+        cs = [
+            c
+            for c in concepts(part=part)
+            if all((vdir / m / f"{c.name}.safetensors").is_file() for m in methods)
+        ]
+        ins = instructions(data_dir, part=part, limit=args.instructions_pool)[: args.instructions]
+        if not cs or not ins:
+            raise SystemExit(
+                f"error: part {part}: no concepts with vectors of every method, or no instructions"
+            )
+        parts[part] = (cs, ins)
+    eng, _ = engine_options(args, seeded=False)
+    kw = eng.llm_kwargs()
+    kw["max_steering_slots"] = args.max_steering_slots
+    llm = roast_vllm.LLM(eng.model or default_model(), **kw)
+    try:
+        report, rows_a, rows_b = evaluate_concepts(
+            llm,
+            register_vector,
+            lambda m, c: SteeringVector.load(vdir / m / f"{c}.safetensors"),
+            parts,
+            methods,
+            sweeps,
+            layer_sets,
+            ConceptJudge(),
+            max_tokens=args.max_tokens or 64,
+        )
+    finally:
+        shutdown(llm)
+    settings = {
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("func", "engine_kwargs", "engine_argv")
+        and isinstance(v, (str, int, float, bool, type(None)))
+    }
+    for line in write_report(report, rows_a, rows_b, args.out, settings):
+        print(line)

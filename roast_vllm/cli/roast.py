@@ -12,7 +12,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from roast_vllm.cli.common import add_data, add_engine, data_provenance, engine_options, floats, layers_arg
+from roast_vllm.cli.common import (
+    add_concept_eval,
+    add_data,
+    add_engine,
+    data_provenance,
+    engine_options,
+    floats,
+    layers_arg,
+    run_concept_eval,
+)
 
 
 def cmd_rollout(args) -> None:
@@ -91,6 +100,7 @@ def cmd_estimate(args) -> None:
         wrong_fallback=not args.no_wrong_fallback,
         max_pairs_per_question=args.max_pairs_per_question,
         seed=args.seed,
+        pooling=args.pooling,
     )
     man = manifest(args.rollouts)
     prov = {
@@ -137,6 +147,10 @@ def cmd_eval(args) -> None:
     from roast_vllm.tasks.evaluate import evaluate
     from roast_vllm.vector import SteeringVector
 
+    if args.task == "concept":
+        return _eval_concept(args)
+    if args.vectors is not None:
+        raise SystemExit("error: --vectors is for --task concept; give one vector with --vector")
     scales = floats(args.scales) if args.scales else [args.scale]
     vec = None
     if args.vector:
@@ -194,6 +208,34 @@ def cmd_eval(args) -> None:
         print(f"wrote {out} and {png}")
     else:
         print(f"wrote {out}")
+
+
+def _eval_concept(args) -> None:
+    """``eval --task concept``: the concept benchmark (``roast-vllm concept eval``); its
+    parts are fixed (tuned on a, reported on b) and every concept has its own vector."""
+    given = [
+        flag
+        for flag, bad in (
+            ("--vector", args.vector is not None),
+            ("--scale", args.scale != 0.0),
+            ("--layers", args.layers is not None),
+            ("--split", args.split != "all"),
+            ("--limit", args.limit is not None),
+        )
+        if bad
+    ]
+    if given:
+        raise SystemExit(
+            f"error: --task concept does not take {', '.join(given)}: it tunes on part a and reports on "
+            "part b, each concept with its own vector from --vectors DIR (`roast-vllm concept vectors`); "
+            "sweep with --scales / --sweep and --layer-sets"
+        )
+    if args.vectors is None:
+        raise SystemExit(
+            "error: --task concept needs --vectors DIR (the output of `roast-vllm concept vectors`)"
+        )
+    data = Path(args.data)
+    run_concept_eval(args, str(data if data.is_dir() else data.parent))
 
 
 def plot_sweep(doc: dict, png: Path) -> None:
@@ -258,6 +300,12 @@ def add_commands(sub) -> None:
         "--no-grouped", action="store_true", help="pool all pairs instead of one vote per question"
     )
     s.add_argument("--recss", action="store_true", help="re-apply CSS to the merged vector")
+    s.add_argument(
+        "--pooling",
+        choices=["last", "response_mean"],
+        default="last",
+        help="a text's activation: its last token (ROC) or the mean over its response tokens",
+    )
     s.add_argument("--reread-weight", type=float, default=1.0, help="weight of gold-answer fallback pairs")
     s.add_argument("--no-gold-fallback", action="store_true")
     s.add_argument("--no-wrong-fallback", action="store_true")
@@ -266,9 +314,15 @@ def add_commands(sub) -> None:
     add_engine(s)
     s.set_defaults(func=cmd_estimate)
 
-    s = sub.add_parser("eval", help="greedy accuracy (+ TruthfulQA MC1/MC2), optionally steered / swept")
+    s = sub.add_parser(
+        "eval",
+        help="greedy accuracy (+ TruthfulQA MC1/MC2), optionally steered / swept; "
+        "--task concept: the concept-steering benchmark",
+    )
     add_data(s)
-    s.add_argument("--out", required=True, help="results .json (a sweep also writes .png)")
+    s.add_argument(
+        "--out", required=True, help="results .json (a sweep also writes .png); --task concept: a folder"
+    )
     s.add_argument("--vector", default=None)
     s.add_argument("--scale", type=float, default=0.0)
     s.add_argument("--scales", default=None, help="comma-separated sweep, e.g. 0,0.5,1,2")
@@ -276,5 +330,6 @@ def add_commands(sub) -> None:
     s.add_argument("--positions", default="last_prompt_and_generated", choices=list(POSITIONS))
     s.add_argument("--max-tokens", type=int, default=None)
     s.add_argument("--no-mc", action="store_true", help="skip MC1/MC2 (truthfulqa_mc)")
+    add_concept_eval(s, standalone=False)
     add_engine(s)
     s.set_defaults(func=cmd_eval)

@@ -7,8 +7,9 @@ on-concept (calibrated concept score ``> t``, baseline: the unsteered greedy ans
 ``i``) are the positives; its own answers to ``i`` that the judge finds off-concept
 (``<= t``) are the negatives. Both are captured as responses to ``i`` (teacher-forced
 after ``i``'s prompt), so a pair differs in its content, not its prompt, and estimated as
-today (:func:`~roast_vllm.methods.estimate.estimate_from_rollouts`: CSS, grouped by
-instruction or not, either site). ``t`` is the cut on the concept score that best
+today (:class:`~roast_vllm.methods.estimate.Estimates`: CSS, grouped by instruction or not,
+either site, each text at its last token as ROC takes it or, a variant, averaged over its
+response tokens). ``t`` is the cut on the concept score that best
 separates concept-prompt rollouts from instruction rollouts on the concepts given
 (:func:`~roast_vllm.tasks.concept_judge.best_threshold`; part a's concepts when tuning).
 
@@ -20,8 +21,9 @@ dominated by the shared "weave in a topic" request: CAA vectors of different con
 were 0.97 cosine-similar that way).
 
 All rollouts (every concept's and every instruction's samples and the greedy baselines)
-are one job set on the pool's workers; each concept's ROAST capture is a job set of its
-own on the same pool; CAA's prompt captures are one job set.
+are one job set on the pool's workers; every concept's ROAST captures (each text captured
+once for all ROAST variants that share a pooling) and CAA's prompt captures are a second
+one (``concept_vectors``): the captures need the judge's labels of the rollouts.
 """
 
 from __future__ import annotations
@@ -158,22 +160,15 @@ def label_rollouts(
     return lab
 
 
-def roast_vectors(
-    cs: list[Concept], ins: list[Instruction], labels: Labels, opts, engine, pool, progress: bool = False
-) -> dict[str, SteeringVector]:
-    """One ROAST (or, with ``opts.method="caa"``, mean-difference) vector per concept from
-    its verified pairs; a concept without a pair is left out (and says so in the result's
-    absence). ``opts``: ``EstimateOptions`` (fallbacks are forced off: concept questions
-    have no gold answers)."""
-    from tqdm import tqdm
-
-    from roast_vllm.methods.estimate import estimate_from_rollouts
-
-    opts = replace(opts, gold_fallback=False, wrong_fallback=False)
+def pair_sets(
+    cs: list[Concept], ins: list[Instruction], labels: Labels
+) -> dict[str, tuple[list[Question], list[dict]]]:
+    """Each concept's verified pairs as an estimation set ``(questions, rollouts)``: one
+    question per instruction with both on- and off-concept texts (``qid`` =
+    ``"concept|instruction"``); a concept without any is left out."""
     text = {i.qid: i.text for i in ins}
-    out = {}
-    label = f"{opts.method} {opts.site}{'' if opts.grouped else ' ungrouped'} vectors"
-    for c in tqdm(cs, desc=label, unit="concept", disable=not progress):
+    sets = {}
+    for c in cs:
         questions, rollouts = [], []
         for iq, (pos, neg) in labels.pairs[c.name].items():
             if not pos or not neg:
@@ -182,13 +177,69 @@ def roast_vectors(
             questions.append(_q(qid, text[iq]))
             rollouts += [{"qid": qid, "response": y, "correct": True} for y in pos]
             rollouts += [{"qid": qid, "response": y, "correct": False} for y in neg]
-        if not questions:
-            continue
-        prov = {"concept": c.name, "threshold": labels.threshold, "instructions": len(questions)}
-        out[c.name] = estimate_from_rollouts(
-            questions, rollouts, opts, engine, pool, provenance=prov, progress=progress
+        if questions:
+            sets[c.name] = (questions, rollouts)
+    return sets
+
+
+def concept_vectors(
+    cs: list[Concept],
+    ins: list[Instruction],
+    labels: Labels,
+    methods: dict[str, Any],
+    engine,
+    pool,
+    caa_layers: list[int] | None = None,
+    progress: bool = False,
+) -> dict[str, dict[str, SteeringVector]]:
+    """Every concept's vector of every method, ``{method: {concept: SteeringVector}}``,
+    from one job set on ``pool`` (an open ``WorkerPool``).
+
+    ``methods``: name -> ``EstimateOptions`` (ROAST from the verified pairs; fallbacks are
+    forced off: concept questions have no gold answers) or None (CAA from prompts,
+    ``caa_layers``). ROAST methods that share pairs and captures (``estimate.SHARED``)
+    share one capture per text (``Estimates``); every concept's capture-and-reduce jobs
+    and CAA's prompt captures go to the workers together. A concept without a verified
+    pair has no ROAST vector.
+    """
+    from tqdm import tqdm
+
+    from roast_vllm.engine.model_prep import default_model, model_dims
+    from roast_vllm.methods.estimate import SHARED, Estimates
+
+    sets = pair_sets(cs, ins, labels)
+    groups: dict[tuple, dict] = {}
+    for name, opts in methods.items():
+        if opts is not None:
+            opts = replace(opts, gold_fallback=False, wrong_fallback=False)
+            groups.setdefault(tuple(str(getattr(opts, f)) for f in SHARED), {})[name] = opts
+    ests = [Estimates(sets, variants, engine, index=k) for k, variants in enumerate(groups.values())]
+    jobs = [j for e in ests for j in e.jobs]
+    caa = [name for name, opts in methods.items() if opts is None]
+    num_layers = model_dims(engine.model or default_model())["num_layers"]
+    layers = list(range(num_layers)) if caa_layers is None else list(caa_layers)
+    if caa:
+        jobs += caa_jobs(cs, ins, layers)
+    means = {}
+    for key, result in tqdm(
+        pool.run(jobs), total=len(jobs), desc="concept vectors", unit="job", disable=not progress
+    ):
+        est = next((e for e in ests if e.owns(key)), None)
+        if est is not None:
+            est.add(key, result)
+        else:
+            means[key[1]] = result["sum"] / result["n"]
+    out: dict[str, dict[str, SteeringVector]] = {}
+    for e in ests:
+        prov = {
+            c: {"concept": c, "threshold": labels.threshold, "instructions": len(sets[c][0])} for c in sets
+        }
+        out.update(e.vectors(prov))
+    for name in caa:
+        out[name] = caa_from_means(
+            cs, means, layers, num_layers, str(engine.model or default_model()), len(ins)
         )
-    return out
+    return {name: out[name] for name in methods}
 
 
 def capture_prompts(w, questions: list[Question], layers: list[int]) -> dict:
@@ -214,22 +265,21 @@ def capture_prompts(w, questions: list[Question], layers: list[int]) -> dict:
 CAPTURE_PROMPTS = "roast_vllm.methods.concept:capture_prompts"
 
 
-def caa_vectors(
-    cs: list[Concept],
-    ins: list[Instruction],
-    pool,
-    num_layers: int,
-    layers: list[int] | None = None,
-    model_id: str = "",
-) -> dict[str, SteeringVector]:
-    """CAA per concept: mean last-prompt-token residual of ``prompting_baseline(c, i)``
-    over the instructions minus that of the plain instructions. One job set."""
-    layers = list(range(num_layers)) if layers is None else list(layers)
-    jobs = [("plain", CAPTURE_PROMPTS, (instruction_questions(ins), layers))]
+def caa_jobs(cs: list[Concept], ins: list[Instruction], layers: list[int]) -> list[tuple]:
+    """CAA's prompt captures: the plain instructions and, per concept, the concept-laden
+    ones (``prompting_baseline``); keys ``("caa", "plain" | concept name)``."""
+    jobs = [(("caa", "plain"), CAPTURE_PROMPTS, (instruction_questions(ins), layers))]
     for c in cs:
         laden = [_q(f"{c.name}|{i.qid}", prompting_baseline(c, i.text)) for i in ins]
-        jobs.append((c.name, CAPTURE_PROMPTS, (laden, layers)))
-    means = {k: r["sum"] / r["n"] for k, r in pool.run(jobs)}
+        jobs.append((("caa", c.name), CAPTURE_PROMPTS, (laden, layers)))
+    return jobs
+
+
+def caa_from_means(
+    cs: list[Concept], means: dict[str, Any], layers: list[int], num_layers: int, model_id: str, prompts: int
+) -> dict[str, SteeringVector]:
+    """CAA per concept from ``caa_jobs``' means ``[len(layers), H]``: the concept-laden
+    prompts' token-mean residual minus the plain instructions'."""
     out = {}
     for c in cs:
         diff = means[c.name] - means["plain"]
@@ -241,7 +291,7 @@ def caa_vectors(
             provenance={
                 "concept": c.name,
                 "source": "concept-laden prompts - plain instructions",
-                "prompts": len(ins),
+                "prompts": prompts,
             },
         )
     return out

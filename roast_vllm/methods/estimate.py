@@ -14,7 +14,9 @@ of whole questions (``plan_jobs``) -> on each worker, capture and reduce
 (``capture_reduce``: ``[L, dim]`` partial ``Σ_g CSS(μ_g)`` and ``G``, or ``Σ w·d`` and
 ``Σ w``) -> the driver adds the partials (``PartialSum``) and applies ``recss`` at the
 end. No activation reaches the driver: its memory is O(layers x width) whatever the
-number of pairs. ``vector_from_activations`` is the all-in-memory reference.
+number of pairs. ``Estimates`` runs many such estimates as one job set (several pair sets,
+e.g. one per concept, times several variants sharing each text's capture).
+``vector_from_activations`` is the all-in-memory reference.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 
 from roast_vllm.kernels.grouped_css import MODES, css, grouped_css
+from roast_vllm.runtime.jobs import POOLINGS
 from roast_vllm.vector import SteeringVector
 
 
@@ -108,6 +111,23 @@ class EstimateOptions:
     capture_batch: int = 256
     """Texts (and pairs) per capture-and-reduce job, whole questions only: a worker holds
     one job's activations (``plan_jobs``)."""
+    pooling: str = "last"
+    """A text's activation: ``last`` (its last token: ROC, METHODS.md step 4) or
+    ``response_mean`` (the mean over its response tokens, as AxBench's DiffMean pools:
+    a variant, not the paper's)."""
+
+
+#: options that decide the pairs and the captures: estimates sharing them share one capture
+SHARED = (
+    "layers",
+    "pooling",
+    "capture_batch",
+    "reread_weight",
+    "gold_fallback",
+    "wrong_fallback",
+    "max_pairs_per_question",
+    "seed",
+)
 
 
 def estimate_from_rollouts(
@@ -119,69 +139,152 @@ def estimate_from_rollouts(
     provenance: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> SteeringVector:
-    """Pairs -> streamed capture-and-reduce jobs -> ``SteeringVector``.
+    """Pairs -> streamed capture-and-reduce jobs -> ``SteeringVector`` (one estimate of
+    :class:`Estimates`).
 
     No activation comes back to the driver: each job captures its questions' texts on a
     worker and returns ``[L, dim]`` partial sums (``capture_reduce``); the driver adds
     them (``PartialSum``). Driver memory is O(layers x width) whatever the number of
     pairs; a worker holds one job's activations (``plan_jobs``).
     """
-    from tqdm import tqdm
-
-    from roast_vllm.engine.model_prep import default_model, model_dims
-    from roast_vllm.methods.pairs import build_pairs
     from roast_vllm.runtime.pool import open_pool
 
-    if opts.method not in ("roast", "caa"):
-        raise ValueError(f"method={opts.method!r}; use 'roast' or 'caa'")
-    site = _site(opts)
-    model = engine.model or default_model()
-    dims = model_dims(model)
-    layers = opts.layers if opts.layers is not None else list(range(dims["num_layers"]))
-    bad = [l for l in layers if not 0 <= l < dims["num_layers"]]
-    if bad:
-        raise ValueError(f"layers {bad} out of range: the model has {dims['num_layers']} layers")
-    if opts.capture_batch < 1:
-        raise ValueError(f"capture_batch must be >= 1, got {opts.capture_batch}")
-    ps = build_pairs(
-        questions,
-        rollouts,
-        reread_weight=opts.reread_weight,
-        use_gold_fallback=opts.gold_fallback,
-        use_wrong_fallback=opts.wrong_fallback,
-        max_pairs_per_question=opts.max_pairs_per_question,
-        seed=opts.seed,
-    )
-    by_id = {q.qid: q for q in questions}
-    mode, grouped, _ = _reduction(opts)
-    jobs = [
-        (
-            i,
-            CAPTURE_REDUCE,
-            ([(by_id[qid], r) for qid, r in job.texts], job.pairs, layers, site, mode, grouped),
-        )
-        for i, job in enumerate(plan_jobs(ps, opts.capture_batch))
-    ]
-    total = PartialSum(grouped)
-    bar = tqdm(total=len(ps.pairs), desc="capturing + reducing pairs", unit="pair", disable=not progress)
+    est = Estimates({None: (questions, rollouts)}, {"v": opts}, engine)
     with open_pool(engine, pool) as wp:
-        for _, part in wp.run(jobs):
-            total.add(part)
-            bar.update(part["n_pairs"])
-    bar.close()
-    if total.n_pairs != len(ps.pairs):  # every pair reduced exactly once
-        raise RuntimeError(f"roast-vllm: reduced {total.n_pairs} of {len(ps.pairs)} pairs (please report)")
-    return _vector(
-        total.result(mode),
-        ps,
-        layers,
-        opts,
-        dims["num_layers"],
-        str(model),
-        provenance,
-        jobs=len(jobs),
-        n_groups=total.n_groups,
-    )
+        est.run(wp, progress=progress)
+    vecs = est.vectors({None: provenance})["v"]
+    if None not in vecs:
+        raise ValueError(
+            f"no (correct, incorrect) pair among {len(rollouts)} rollouts of {len(questions)} questions: "
+            "every question's responses are all correct or all incorrect (and fallbacks are off)"
+        )
+    return vecs[None]
+
+
+class Estimates:
+    """Several estimates as one job set: for every *set* (``tag -> (questions, rollouts)``,
+    e.g. one concept's) and every *variant* (``name -> EstimateOptions``: site, CSS mode,
+    grouping, recss), a ``SteeringVector``. Variants must agree on the fields in
+    ``SHARED`` (pairs and captures); a job captures its texts once, at every site the
+    variants use, and reduces them once per variant (``capture_reduce``), so V variants
+    of S sets cost S sets' captures, in ``len(jobs)`` jobs the pool runs in any order.
+
+    Use: ``est.jobs`` into a ``WorkerPool.run`` (with any other jobs: keys are
+    ``(Estimates.KEY, index, tag, k)``), each result into ``est.add(key, result)``, then
+    ``est.vectors()``; or ``est.run(pool)``.
+    """
+
+    KEY = "estimate"
+
+    def __init__(self, sets: dict, variants: dict[str, EstimateOptions], engine, index: int = 0) -> None:
+        from roast_vllm.engine.model_prep import default_model, model_dims
+        from roast_vllm.methods.pairs import build_pairs
+
+        if not variants:
+            raise ValueError("no variants to estimate")
+        opts = list(variants.values())
+        for o in opts:
+            if o.method not in ("roast", "caa"):
+                raise ValueError(f"method={o.method!r}; use 'roast' or 'caa'")
+            _site(o)
+            if o.capture_batch < 1:
+                raise ValueError(f"capture_batch must be >= 1, got {o.capture_batch}")
+            if o.pooling not in POOLINGS:
+                raise ValueError(f"pooling={o.pooling!r}; use one of {POOLINGS}")
+            differ = [f for f in SHARED if getattr(o, f) != getattr(opts[0], f)]
+            if differ:
+                raise ValueError(f"variants of one Estimates must agree on {differ}: estimate them apart")
+        self.variants, self.index = dict(variants), index
+        self.model = str(engine.model or default_model())
+        self.num_layers = model_dims(engine.model or default_model())["num_layers"]
+        o = opts[0]
+        self.layers = o.layers if o.layers is not None else list(range(self.num_layers))
+        bad = [l for l in self.layers if not 0 <= l < self.num_layers]
+        if bad:
+            raise ValueError(f"layers {bad} out of range: the model has {self.num_layers} layers")
+        reductions = [(_site(v), *_reduction(v)[:2]) for v in opts]
+        self.pairsets, self.jobs, self._jobs_of = {}, [], {}
+        for tag, (questions, rollouts) in sets.items():
+            ps = build_pairs(
+                questions,
+                rollouts,
+                reread_weight=o.reread_weight,
+                use_gold_fallback=o.gold_fallback,
+                use_wrong_fallback=o.wrong_fallback,
+                max_pairs_per_question=o.max_pairs_per_question,
+                seed=o.seed,
+            )
+            self.pairsets[tag] = ps
+            by_id = {q.qid: q for q in questions}
+            planned = plan_jobs(ps, o.capture_batch)
+            self._jobs_of[tag] = len(planned)
+            self.jobs += [
+                (
+                    (self.KEY, index, tag, k),
+                    CAPTURE_REDUCE,
+                    (
+                        [(by_id[qid], r) for qid, r in job.texts],
+                        job.pairs,
+                        self.layers,
+                        reductions,
+                        o.pooling,
+                    ),
+                )
+                for k, job in enumerate(planned)
+            ]
+        self.totals = {
+            (name, tag): PartialSum(_reduction(v)[1]) for name, v in variants.items() for tag in sets
+        }
+
+    @property
+    def n_pairs(self) -> int:
+        return sum(len(ps.pairs) for ps in self.pairsets.values())
+
+    def owns(self, key) -> bool:
+        return isinstance(key, tuple) and len(key) == 4 and key[:2] == (self.KEY, self.index)
+
+    def add(self, key, parts: list[dict[str, Any]]) -> int:
+        """One job's result (a partial per variant, in order); returns its pairs."""
+        tag = key[2]
+        for name, part in zip(self.variants, parts, strict=True):
+            self.totals[name, tag].add(part)
+        return parts[0]["n_pairs"]
+
+    def run(self, pool, progress: bool = True) -> None:
+        """Run the jobs on an open ``WorkerPool`` and add their results."""
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.n_pairs, desc="capturing + reducing pairs", unit="pair", disable=not progress)
+        for key, parts in pool.run(self.jobs):
+            bar.update(self.add(key, parts))
+        bar.close()
+
+    def vectors(self, provenance: dict | None = None) -> dict[str, dict]:
+        """``{variant: {tag: SteeringVector}}``; a set without pairs has no vector.
+        ``provenance``: ``{tag: dict}`` recorded in that set's vectors."""
+        out: dict[str, dict] = {name: {} for name in self.variants}
+        for name, opts in self.variants.items():
+            mode = _reduction(opts)[0]
+            for tag, ps in self.pairsets.items():
+                total = self.totals[name, tag]
+                if not ps.pairs:
+                    continue
+                if total.n_pairs != len(ps.pairs):  # every pair reduced exactly once
+                    raise RuntimeError(
+                        f"roast-vllm: reduced {total.n_pairs} of {len(ps.pairs)} pairs (please report)"
+                    )
+                out[name][tag] = _vector(
+                    total.result(mode),
+                    ps,
+                    self.layers,
+                    opts,
+                    self.num_layers,
+                    self.model,
+                    (provenance or {}).get(tag),
+                    jobs=self._jobs_of[tag],
+                    n_groups=total.n_groups,
+                )
+        return out
 
 
 # ----------------------------------------------------------------- streaming
@@ -271,14 +374,15 @@ def capture_reduce(
     items: list[tuple[Any, str]],
     pairs: list[tuple[int, int, float, int]],
     layers: list[int],
-    site: str,
-    mode: str,
-    grouped: bool,
-) -> dict[str, Any]:
-    """Worker job: capture the last-token activations of ``prompt(q) ⊕ response`` for the
-    job's ``items`` (``w.capture_texts``) and reduce its pairs (``reduce_pairs``)."""
-    acts = w.capture_texts(items, layers, [site])[site]
-    return reduce_pairs(acts, pairs, mode, grouped)
+    reductions: list[tuple[str, str, bool]],
+    pooling: str = "last",
+) -> list[dict[str, Any]]:
+    """Worker job: capture ``prompt(q) ⊕ response`` for the job's ``items`` once at every
+    site of ``reductions`` (``w.capture_texts``, pooled by ``pooling``) and reduce its
+    pairs once per ``(site, css mode, grouped)`` (``reduce_pairs``), in order."""
+    sites = list(dict.fromkeys(site for site, _, _ in reductions))
+    acts = w.capture_texts(items, layers, sites, pooling)
+    return [reduce_pairs(acts[site], pairs, mode, grouped) for site, mode, grouped in reductions]
 
 
 class PartialSum:

@@ -103,10 +103,16 @@ def capture(w, seqs: list[list[int]], layers: list[int], sites: list[str]) -> di
     return capture_activations(w.llm, seqs, layers, sites, progress=False)
 
 
-def capture_texts(w, items: list[tuple[Question, str]], layers: list[int], sites: list[str]) -> dict:
-    """Capture at the last token of ``prompt(q) ⊕ response`` for each ``(q, response)``:
-    the worker's own ``capture_texts`` (an engine's, or a stand-in's)."""
-    return w.capture_texts(items, layers, sites)
+#: how a text's activation is taken: its last token (ROC) or the mean over its response
+POOLINGS = ("last", "response_mean")
+
+
+def capture_texts(
+    w, items: list[tuple[Question, str]], layers: list[int], sites: list[str], pooling: str = "last"
+) -> dict:
+    """Capture ``prompt(q) ⊕ response`` for each ``(q, response)``, pooled as ``pooling``
+    says (``POOLINGS``): the worker's own ``capture_texts`` (an engine's, or a stand-in's)."""
+    return w.capture_texts(items, layers, sites, pooling)
 
 
 def greedy(

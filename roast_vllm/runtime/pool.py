@@ -113,14 +113,23 @@ class EngineWorker:
         function gets this worker first."""
         return resolve_job(fn)(self, *args, **kwargs)
 
-    def capture_texts(self, items: list, layers: list[int], sites: list[str]) -> dict:
-        """Last-token activations of ``prompt(q) ⊕ response`` for ``(q, response)`` items
+    def capture_texts(self, items: list, layers: list[int], sites: list[str], pooling: str = "last") -> dict:
+        """Activations of ``prompt(q) ⊕ response`` for ``(q, response)`` items
         (teacher-forced in the engine, ``engine.capture``):
-        ``{site: [len(layers), len(items), dim]}`` fp32."""
-        from roast_vllm.runtime.jobs import capture, prompt_ids, response_ids
+        ``{site: [len(layers), len(items), dim]}`` fp32. ``pooling``: ``last`` (the last
+        token's) or ``response_mean`` (the mean over the response's tokens; an empty
+        response: the prompt's last token)."""
+        from roast_vllm.engine.capture import capture_activations
+        from roast_vllm.runtime.jobs import POOLINGS, prompt_ids, response_ids
 
-        seqs = [prompt_ids(self.tok, q) + response_ids(self.tok, r) for q, r in items]
-        return capture(self, seqs, layers, sites)
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling={pooling!r}; use one of {POOLINGS}")
+        prompts = [prompt_ids(self.tok, q) for q, _ in items]
+        seqs = [p + response_ids(self.tok, r) for p, (_, r) in zip(prompts, items)]
+        starts = None
+        if pooling == "response_mean":
+            starts = [min(len(p), len(s) - 1) for p, s in zip(prompts, seqs)]
+        return capture_activations(self.llm, seqs, layers, sites, progress=False, starts=starts)
 
     def ensure_vector(self, name: str, payload: bytes) -> None:
         """Register a vector once per worker (re-registered only when its bytes change)."""

@@ -32,14 +32,15 @@ class SyntheticWorker(EngineWorker):
         self.options, self.llm, self.tok, self._vectors = options, None, None, {}
         self.dims = model_dims(options.model or default_model())
 
-    def capture_texts(self, items: list, layers: list[int], sites: list[str]) -> dict:
+    def capture_texts(self, items: list, layers: list[int], sites: list[str], pooling: str = "last") -> dict:
         """``{site: [len(layers), len(items), dim]}`` fp32, a function of each item's
-        ``(qid, response)`` text, the layer and the site only."""
+        ``(qid, response)`` text, the layer, the site and the pooling only."""
         out = {}
         for site in sites:
             acts = torch.empty(len(layers), len(items), site_dim(self.dims, site))
             for j, (q, response) in enumerate(items):
-                key = f"{site}\0{q.qid}\0{response}".encode()
+                key = f"{site}\0{q.qid}\0{response}" + ("" if pooling == "last" else f"\0{pooling}")
+                key = key.encode()
                 seed = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") >> 1
                 acts[:, j] = torch.randn(
                     max(layers) + 1, acts.shape[2], generator=torch.Generator().manual_seed(seed)

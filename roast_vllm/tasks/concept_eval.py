@@ -287,3 +287,163 @@ def grade_rows(judge, rows: list[dict], cs, ins, baseline: dict) -> list[dict]:
         [baseline[r["instruction"]]["lp"] for r in rows],
     )
     return [{**r, **x} for r, x in zip(rows, g)]
+
+
+def evaluate_concepts(
+    llm,
+    register,
+    load,
+    parts: dict[str, tuple[list, list]],
+    methods: Sequence[str],
+    sweeps: dict[str, Sequence[float]],
+    layer_sets: Sequence[str],
+    judge,
+    max_tokens: int = 64,
+) -> tuple[dict, list[dict], list[dict]]:
+    """The benchmark on an open engine: register every concept's vector of every method
+    (``register(llm, "method/concept", load(method, concept))``), run part a's sweep
+    (unsteered, prompting, each method x scale x layer set) in one batch, keep each
+    method's best condition on part a (``tune``), run those on part b, and compare.
+
+    ``parts``: ``{"a": (concepts, instructions), "b": ...}``. Returns the report (``tuned``,
+    part a's and b's summaries, the paired comparisons on b, run stats), part a's rows and
+    part b's rows.
+    """
+    for m in methods:
+        for c in parts["a"][0] + parts["b"][0]:
+            register(llm, f"{m}/{c.name}", load(m, c.name))
+    name = lambda m, c: f"{m}/{c}"  # noqa: E731
+    sweep = [Condition("unsteered"), Condition("prompting")]
+    sweep += [Condition(m, s, ls) for m in methods for s in sweeps[m] for ls in layer_sets]
+    cs, ins = parts["a"]
+    rows_a, stats_a = generate_rows(llm, cs, ins, sweep, name, max_tokens)
+    rows_a = grade_rows(judge, rows_a, cs, ins, stats_a.pop("baseline"))
+    best = tune(rows_a, methods)
+    print(
+        f"tuned on part a ({stats_a['steering_configurations']} configurations, "
+        f"{stats_a['requests']} requests): {best}",
+        flush=True,
+    )
+    chosen = [Condition("unsteered"), Condition("prompting")]
+    chosen += [Condition.from_key(best[m]) for m in methods]
+    cs, ins = parts["b"]
+    rows_b, stats_b = generate_rows(llm, cs, ins, chosen, name, max_tokens)
+    rows_b = grade_rows(judge, rows_b, cs, ins, stats_b.pop("baseline"))
+    order = [c.key for c in chosen]
+    keys = order[2:]
+    comparisons = [paired(rows_b, k, b) for k in keys for b in ("unsteered", "prompting")]
+    comparisons += [
+        paired(rows_b, keys[i], keys[j]) for i in range(len(keys)) for j in range(i + 1, len(keys))
+    ]
+    summary_a = summarize(rows_a)
+    report = {
+        "runs": {"a": stats_a, "b": stats_b},
+        "tuned": best,
+        "order": order,
+        "summary_a": summary_a,
+        "summary_b": summarize(rows_b),
+        "sweep_a": sweep_table(summary_a),
+        "comparisons": comparisons,
+        "concepts": {p: [c.name for c in parts[p][0]] for p in parts},
+        "instructions": {p: [i.qid for i in parts[p][1]] for p in parts},
+    }
+    return report, rows_a, rows_b
+
+
+def sweep_table(summary: dict[str, dict]) -> list[dict]:
+    """A ``summarize`` of part a's sweep, one flat row per condition: its mean of each
+    metric over concepts (what ``tune`` chose from: whether the sweep bracketed each
+    method's best shows here)."""
+    out = []
+    for key, s in summary.items():
+        cond = Condition.from_key(key)
+        out.append(
+            {
+                "condition": key,
+                "method": cond.method,
+                "scale": cond.scale,
+                "layers": cond.layers,
+                **{m: s[m] for m in METRICS},
+            }
+        )
+    return out
+
+
+def write_report(
+    report: dict, rows_a: list[dict], rows_b: list[dict], out, settings: dict | None = None
+) -> list[str]:
+    """``concept.{json,csv,md,png}`` (part b's rows in the JSON), ``sweep_a.png`` and part
+    a's graded outputs (``rows_a.jsonl.gz``) into ``out``; returns the lines to print (the
+    table and the comparisons)."""
+    import csv
+    import gzip
+    import json
+    from pathlib import Path
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    order, summary_b = report["order"], report["summary_b"]
+    doc = {"settings": settings or {}, **report, "rows_b": rows_b}
+    (out / "concept.json").write_text(json.dumps(doc, indent=1))
+    with gzip.open(out / "rows_a.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows_a)
+    with open(out / "concept.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["condition", "concepts", *[f"{m}{x}" for m in METRICS for x in ("", "_lo", "_hi")]])
+        for k in order:
+            s = summary_b[k]
+            w.writerow([k, s["concepts"], *[v for m in METRICS for v in (s[m], *s[m + "_ci95"])]])
+    table = markdown_table(summary_b, order)
+    (out / "concept.md").write_text(table + "\n")
+    plot(summary_b, order, out / "concept.png")
+    plot_sweep(report["sweep_a"], out / "sweep_a.png")
+    lines = [table]
+    for cmp in report["comparisons"]:
+        lines.append(
+            f"{cmp['a']} - {cmp['b']}: {cmp['mean_diff']:+.3f} [{cmp['ci95'][0]:+.3f}, {cmp['ci95'][1]:+.3f}] "
+            f"({cmp['wins']}/{cmp['losses']}/{cmp['ties']} concepts, sign test p={cmp['p_sign']:.3g})"
+        )
+    lines.append(f"wrote {out}/concept.{{json,csv,md,png}} and sweep_a.png")
+    return lines
+
+
+def plot_sweep(sweep: Sequence[dict], path) -> None:
+    """Part a's aggregate against scale, one line per method and layer set (log x)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
+    flat = {}
+    for r in sweep:
+        if r["method"] in ("unsteered", "prompting"):
+            flat[r["method"]] = r["aggregate"]
+        else:
+            lines[r["method"], r["layers"]].append((r["scale"], r["aggregate"]))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    # one colour per method, one line style per layer set
+    colour = {m: f"C{k}" for k, m in enumerate(dict.fromkeys(m for m, _ in lines))}
+    style = {ls: ("-", "--", ":", "-.")[k % 4] for k, ls in enumerate(dict.fromkeys(ls for _, ls in lines))}
+    for (m, ls), pts in lines.items():
+        pts.sort()
+        ax.plot(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            marker="o",
+            color=colour[m],
+            linestyle=style[ls],
+            label=f"{m} ({ls})",
+        )
+    for m, y in flat.items():
+        ax.axhline(
+            y, linestyle=(0, (1, 3)), color="grey" if m == "unsteered" else "black", linewidth=1, label=m
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("steering scale (log)")
+    ax.set_ylabel("aggregate, mean over part a's concepts")
+    ax.set_title("concept steering: part a sweep (tuning)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the lines, not on them
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

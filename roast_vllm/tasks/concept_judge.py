@@ -12,9 +12,13 @@ output and ``y0`` the unsteered model's answer to ``I``:
 * **relevance** ``= clip(cos(y, I) / cos(y0, I), 0, 1)``: how much of the plain answer's
   similarity to the instruction ``y`` keeps (1 when ``cos(y0, I) <= 0`` and ``y`` is at
   least as close).
-* **fluency** ``= min(1, exp(lp(y) - lp(y0)))``, ``lp`` the mean per-token log-likelihood
-  under the unsteered served model (computed by the caller, who has the engine): the
-  per-token likelihood ratio to the plain answer, capped at 1.
+* **fluency** ``= min(1, exp(lp(y) - lp(y0))) * min(1, v(y) / v(y0))``, ``lp`` the mean
+  per-token log-likelihood under the unsteered served model (computed by the caller, who
+  has the engine): the per-token likelihood ratio to the plain answer, capped at 1; ``v``
+  the share of distinct word bigrams among a text's word bigrams (:func:`variety`). The
+  likelihood alone rewards degenerate loops: "the cosmos, the cosmos, the cosmos, ..." is
+  *more* predictable to the plain model than its own answer (0.8 on the first sweep, where
+  such loops were CAA's best setting); its bigram variety is 0.04.
 * **aggregate** ``= 3 / (1/concept + 1/relevance + 1/fluency)`` (0 if any is 0).
 
 The same concept score, thresholded (:func:`best_threshold` on part a), labels ROAST's
@@ -24,6 +28,7 @@ rollouts: a rollout is on-concept when its concept score is above the threshold.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
 from roast_vllm.tasks.judge import EmbeddingJudge
@@ -43,11 +48,22 @@ def relevance_score(sim: float, base_sim: float) -> float:
     return min(max(sim / base_sim, 0.0), 1.0)
 
 
-def fluency_score(lp: float, base_lp: float) -> float:
-    """``min(1, exp(lp - base_lp))`` of mean per-token log-likelihoods (nats)."""
+def variety(text: str) -> float:
+    """The share of distinct word bigrams among ``text``'s word bigrams (lower-cased
+    ``\\w+`` words); 1.0 for fewer than three words (too short to loop)."""
+    words = re.findall(r"\w+", text.lower())
+    if len(words) < 3:
+        return 1.0
+    bigrams = list(zip(words, words[1:]))
+    return len(set(bigrams)) / len(bigrams)
+
+
+def fluency_score(lp: float, base_lp: float, var: float = 1.0, base_var: float = 1.0) -> float:
+    """``min(1, exp(lp - base_lp)) * min(1, var / base_var)``: mean per-token
+    log-likelihoods (nats) and :func:`variety` of the output and of the plain answer."""
     if not (math.isfinite(lp) and math.isfinite(base_lp)):
         return 0.0
-    return min(1.0, math.exp(lp - base_lp))
+    return min(1.0, math.exp(lp - base_lp)) * (min(1.0, var / base_var) if base_var > 0 else 1.0)
 
 
 def harmonic(*xs: float) -> float:
@@ -111,7 +127,7 @@ class ConceptJudge:
         out = []
         for i in range(len(outputs)):
             c, r = concept_score(raw[i], base_c[i]), relevance_score(rel[i], base_r[i])
-            f = fluency_score(lps[i], base_lps[i])
+            f = fluency_score(lps[i], base_lps[i], variety(outputs[i]), variety(baselines[i]))
             out.append(
                 {
                     "concept_score": c,
