@@ -171,8 +171,11 @@ def engine_options(args, compile_ok: bool = True, seeded: bool = False):
 
 
 # ------------------------------------------------------------ the concept benchmark
-#: ``roast-vllm concept vectors`` writes these; ``concept eval`` evaluates them by default
+#: ``concept eval``'s default families: the first benchmark run's four (every
+#: ``concept vectors`` output has them; ``methods.concept.FAMILIES`` lists all)
 CONCEPT_METHODS = "roast,roast_ungrouped,roast_residual,caa"
+#: ``concept eval``'s default scale sweep for every family
+CONCEPT_SCALES = "1,2,4,8"
 
 
 def add_concept_eval(s, standalone: bool) -> None:
@@ -187,7 +190,7 @@ def add_concept_eval(s, standalone: bool) -> None:
     )
     g.add_argument("--methods", default=CONCEPT_METHODS, help="vector families to evaluate (subfolders)")
     if standalone:
-        g.add_argument("--scales", default="1,2,4,8", help="scale sweep (part a) for every method")
+        g.add_argument("--scales", default=CONCEPT_SCALES, help="scale sweep (part a) for every method")
     g.add_argument(
         "--sweep",
         default=None,
@@ -222,7 +225,7 @@ def run_concept_eval(args, data_dir: str | None) -> None:
         raise SystemExit(
             f"error: {vdir} has no {missing} folders: make them with `roast-vllm concept vectors`"
         )
-    sweeps = {m: floats(args.scales or "1,2,4,8") for m in methods}
+    sweeps = {m: floats(args.scales or CONCEPT_SCALES) for m in methods}
     for part in (p for p in (args.sweep or "").split(";") if p.strip()):
         m, _, vals = part.partition("=")
         if m.strip() not in sweeps or not vals:

@@ -29,27 +29,9 @@ from roast_vllm.cli.common import (
     run_concept_eval,
 )
 
-#: ``roast-vllm concept vectors`` methods: name -> EstimateOptions fields (CAA: from prompts)
-METHODS = {
-    "roast": {"method": "roast", "site": "mlp_act", "grouped": True},
-    "roast_ungrouped": {"method": "roast", "site": "mlp_act", "grouped": False},
-    "roast_residual": {"method": "roast", "site": "residual", "grouped": True},
-    "roast_residual_ungrouped": {"method": "roast", "site": "residual", "grouped": False},
-    # token-mean pooling of each text (as CAA's prompts and AxBench's DiffMean pool)
-    # instead of ROC's last token: a variant, not the paper's
-    "roast_mean": {"method": "roast", "site": "mlp_act", "grouped": True, "pooling": "response_mean"},
-    "roast_residual_mean": {
-        "method": "roast",
-        "site": "residual",
-        "grouped": True,
-        "pooling": "response_mean",
-    },
-    "caa": None,
-}
-
 
 def cmd_vectors(args) -> None:
-    from roast_vllm.methods.concept import concept_vectors, label_rollouts, sample_rollouts
+    from roast_vllm.methods.concept import FAMILIES, concept_vectors, label_rollouts, sample_rollouts
     from roast_vllm.methods.estimate import EstimateOptions
     from roast_vllm.runtime.pool import WorkerPool
     from roast_vllm.tasks.concept import concepts, instructions
@@ -61,9 +43,9 @@ def cmd_vectors(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in FAMILIES]
     if unknown or not methods:
-        raise SystemExit(f"error: --methods {unknown or args.methods!r}: choose from {list(METHODS)}")
+        raise SystemExit(f"error: --methods {unknown or args.methods!r}: choose from {list(FAMILIES)}")
     layers = layers_arg(args.caa_layers)
     eng, pool = engine_options(args, compile_ok=False, seeded=True)
     judge = ConceptJudge()
@@ -78,7 +60,7 @@ def cmd_vectors(args) -> None:
             f"{labels.counts['off_kept']}/{labels.counts['off_total']} off-concept",
             flush=True,
         )
-        chosen = {m: (None if METHODS[m] is None else EstimateOptions(**METHODS[m])) for m in methods}
+        chosen = {m: (None if FAMILIES[m] is None else EstimateOptions(**FAMILIES[m])) for m in methods}
         vecs = concept_vectors(cs, ins, labels, chosen, eng, wp, caa_layers=layers, progress=not args.quiet)
     made = {}
     for name, by_concept in vecs.items():
@@ -122,6 +104,8 @@ def cmd_eval(args) -> None:
 
 
 def add_commands(sub) -> None:
+    from roast_vllm.methods.concept import FAMILIES
+
     c = sub.add_parser(
         "concept", help="concept-steering benchmark: vectors per concept, AxBench-style evaluation"
     )
@@ -148,8 +132,8 @@ def add_commands(sub) -> None:
     s.add_argument("--caa-layers", default=None, help="CAA layers (default: all)")
     s.add_argument(
         "--methods",
-        default=",".join(METHODS),
-        help=f"vector families to make, from {list(METHODS)} (one capture job set for all)",
+        default=",".join(FAMILIES),
+        help=f"vector families to make, from {list(FAMILIES)} (one capture job set for all)",
     )
     add_engine(s)
     s.set_defaults(func=cmd_vectors)

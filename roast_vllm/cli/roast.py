@@ -266,6 +266,7 @@ def plot_sweep(doc: dict, png: Path) -> None:
 
 def add_commands(sub) -> None:
     from roast_vllm.engine.spec import POSITIONS
+    from roast_vllm.runtime.jobs import POOLINGS
     from roast_vllm.tasks import TASKS
 
     s = sub.add_parser("rollout", help="sample n responses per question and verify them (Ray, resumable)")
@@ -302,7 +303,7 @@ def add_commands(sub) -> None:
     s.add_argument("--recss", action="store_true", help="re-apply CSS to the merged vector")
     s.add_argument(
         "--pooling",
-        choices=["last", "response_mean"],
+        choices=list(POOLINGS),
         default="last",
         help="a text's activation: its last token (ROC) or the mean over its response tokens",
     )

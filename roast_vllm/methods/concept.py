@@ -36,6 +36,25 @@ from roast_vllm.tasks import Question
 from roast_vllm.tasks.concept import Concept, Instruction, concept_prompt, prompting_baseline
 from roast_vllm.vector import SteeringVector
 
+#: the concept benchmark's vector families (``roast-vllm concept vectors --methods``):
+#: name -> ``EstimateOptions`` fields of a ROAST estimate, or None for CAA from prompts
+FAMILIES = {
+    "roast": {"method": "roast", "site": "mlp_act", "grouped": True},
+    "roast_ungrouped": {"method": "roast", "site": "mlp_act", "grouped": False},
+    "roast_residual": {"method": "roast", "site": "residual", "grouped": True},
+    "roast_residual_ungrouped": {"method": "roast", "site": "residual", "grouped": False},
+    # token-mean pooling of each text (as CAA's prompts and AxBench's DiffMean pool)
+    # instead of ROC's last token: a variant, not the paper's
+    "roast_mean": {"method": "roast", "site": "mlp_act", "grouped": True, "pooling": "response_mean"},
+    "roast_residual_mean": {
+        "method": "roast",
+        "site": "residual",
+        "grouped": True,
+        "pooling": "response_mean",
+    },
+    "caa": None,
+}
+
 
 def _q(qid: str, text: str) -> Question:
     return Question(qid, text, [{"role": "user", "content": text}], "", "", [])
@@ -216,7 +235,8 @@ def concept_vectors(
     ests = [Estimates(sets, variants, engine, index=k) for k, variants in enumerate(groups.values())]
     jobs = [j for e in ests for j in e.jobs]
     caa = [name for name, opts in methods.items() if opts is None]
-    num_layers = model_dims(engine.model or default_model())["num_layers"]
+    model = engine.model or default_model()
+    num_layers = model_dims(model)["num_layers"]
     layers = list(range(num_layers)) if caa_layers is None else list(caa_layers)
     if caa:
         jobs += caa_jobs(cs, ins, layers)
@@ -236,9 +256,7 @@ def concept_vectors(
         }
         out.update(e.vectors(prov))
     for name in caa:
-        out[name] = caa_from_means(
-            cs, means, layers, num_layers, str(engine.model or default_model()), len(ins)
-        )
+        out[name] = caa_from_means(cs, means, layers, num_layers, str(model), len(ins))
     return {name: out[name] for name in methods}
 
 

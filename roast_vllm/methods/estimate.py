@@ -156,7 +156,8 @@ def estimate_from_rollouts(
     if None not in vecs:
         raise ValueError(
             f"no (correct, incorrect) pair among {len(rollouts)} rollouts of {len(questions)} questions: "
-            "every question's responses are all correct or all incorrect (and fallbacks are off)"
+            "every question's responses are all correct or all incorrect, and no fallback pair "
+            "(gold / known-wrong answer) could be built"
         )
     return vecs[None]
 
@@ -195,8 +196,8 @@ class Estimates:
             if differ:
                 raise ValueError(f"variants of one Estimates must agree on {differ}: estimate them apart")
         self.variants, self.index = dict(variants), index
-        self.model = str(engine.model or default_model())
-        self.num_layers = model_dims(engine.model or default_model())["num_layers"]
+        model = engine.model or default_model()
+        self.model, self.num_layers = str(model), model_dims(model)["num_layers"]
         o = opts[0]
         self.layers = o.layers if o.layers is not None else list(range(self.num_layers))
         bad = [l for l in self.layers if not 0 <= l < self.num_layers]

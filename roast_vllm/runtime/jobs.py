@@ -96,11 +96,14 @@ def sample(
     return records
 
 
-def capture(w, seqs: list[list[int]], layers: list[int], sites: list[str]) -> dict:
-    """Last-token activations of ``seqs``: ``{site: Tensor[len(layers), N, dim]}``."""
+def capture(
+    w, seqs: list[list[int]], layers: list[int], sites: list[str], starts: list[int] | None = None
+) -> dict:
+    """Last-token activations of ``seqs`` (with ``starts``: each sequence's mean over its
+    positions ``starts[i] ..``): ``{site: Tensor[len(layers), N, dim]}``."""
     from roast_vllm.engine.capture import capture_activations
 
-    return capture_activations(w.llm, seqs, layers, sites, progress=False)
+    return capture_activations(w.llm, seqs, layers, sites, progress=False, starts=starts)
 
 
 #: how a text's activation is taken: its last token (ROC) or the mean over its response

@@ -119,8 +119,7 @@ class EngineWorker:
         ``{site: [len(layers), len(items), dim]}`` fp32. ``pooling``: ``last`` (the last
         token's) or ``response_mean`` (the mean over the response's tokens; an empty
         response: the prompt's last token)."""
-        from roast_vllm.engine.capture import capture_activations
-        from roast_vllm.runtime.jobs import POOLINGS, prompt_ids, response_ids
+        from roast_vllm.runtime.jobs import POOLINGS, capture, prompt_ids, response_ids
 
         if pooling not in POOLINGS:
             raise ValueError(f"pooling={pooling!r}; use one of {POOLINGS}")
@@ -129,7 +128,7 @@ class EngineWorker:
         starts = None
         if pooling == "response_mean":
             starts = [min(len(p), len(s) - 1) for p, s in zip(prompts, seqs)]
-        return capture_activations(self.llm, seqs, layers, sites, progress=False, starts=starts)
+        return capture(self, seqs, layers, sites, starts)
 
     def ensure_vector(self, name: str, payload: bytes) -> None:
         """Register a vector once per worker (re-registered only when its bytes change)."""
