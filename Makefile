@@ -57,11 +57,11 @@ format: setup
 	$(VENV)/bin/ruff check --fix roast_vllm kernels benchmarks tests
 
 bench: setup
-	$(PY) benchmarks/bench_throughput.py
+	$(PY) benchmarks/bench_throughput.py --repeats 4 --dtype float32
 
 # engines alive together, rounds of every condition back to back (resolves a few percent)
 bench-interleaved: setup
-	VLLM_CPU_KVCACHE_SPACE=2 $(PY) benchmarks/bench_throughput.py --interleaved 8 --ks 64 --num-prompts 128
+	VLLM_CPU_KVCACHE_SPACE=2 $(PY) benchmarks/bench_throughput.py --interleaved 8 --ks 1,64,256 --num-prompts 256 --dtype float32
 
 bench-kernels: setup
 	$(PY) benchmarks/bench_kernels.py

@@ -63,9 +63,10 @@ How it is timed
     steering ops are the torch rows paths (in place, or steered rows gathered, updated and
     written back; nothing but a scan of the slots when none is steered), so CPU ratios are no
     estimate of the GPU's. ``--compile`` times the whole step compiled by inductor instead
-    (as vLLM's compile mode runs the model on CPU: the ops are opaque custom-op calls in
-    the graph); its check asserts unsteered rows bit-identical with and without steered
-    neighbours in the compiled graph and the two graphs equal within tolerance.
+    (as vLLM's compile mode runs the model on CPU: the additive ops traced into the graph
+    and fused by inductor, the Fusion op an opaque custom-op call); its check asserts
+    unsteered rows bit-identical with and without steered neighbours in the compiled graph
+    and the two graphs equal within tolerance.
 
 Correctness check (``--check`` runs only this; it always runs before timing)
     stock == none_steered bit for bit (also with the Fusion op present and idle); in

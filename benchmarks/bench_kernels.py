@@ -15,6 +15,9 @@ half of them and none steered. steer_mlp_act is timed on a decode step of SmolLM
 width with every token steered (act [128, 1536] fp32, ``up`` the strided view of
 gate_up): the reference, the rows path the engine runs on CPU (and, on a GPU, the Triton
 kernel), next to the down projection matmul that follows it in the layer, for scale.
+Those are the eager paths; ``bench_compiled_block`` times both ops as vLLM's compile mode
+runs them on CPU (traced and fused by inductor) inside SmolLM2's MLP block, against the
+block without steering and with the ops as opaque custom-op calls.
 """
 
 from __future__ import annotations
@@ -106,6 +109,79 @@ def bench_apply_rows(dev: str, repeats: int, gen: torch.Generator) -> list[dict]
     return out
 
 
+def bench_compiled_block(dev: str, gen: torch.Generator, rounds: int = 3, calls: int = 100) -> list[dict]:
+    """A decode step's MLP block of SmolLM2 (gate_up, SiluAndMul, down, the residual add
+    and RMSNorm of the next layer; 128 tokens, fp32, one thread as vLLM's CPU worker runs
+    it) compiled by inductor, three ways: stock (no steering); steering as the opaque
+    custom ops (what the CPU engine's compiled graph held before: one call and one pass per
+    op); steering traced (the reference, which inductor fuses into the SiluAndMul and the
+    add+norm loops: what the CPU engine runs now). Each with no token and with every token
+    steered (64 slots, both sites). Rounds interleave the variants; the figure is the median
+    over rounds of each round's median call time. CPU only."""
+    if dev != "cpu":
+        return []
+    T, H, I, S = 128, 576, 1536, 65
+    w_gu = torch.randn(2 * I, H, generator=gen) * H**-0.5
+    w_down = torch.randn(H, I, generator=gen) * I**-0.5
+    x = torch.randn(T, H, generator=gen)
+    res = torch.randn(T, H, generator=gen)
+    t_mlp, t_res = torch.randn(S, I, generator=gen), torch.randn(S, H, generator=gen)
+    t_mlp[0] = 0
+    t_res[0] = 0
+    scale = torch.full((S,), 4.0)
+    slots = {"none": torch.zeros(T, dtype=torch.long), "every (K=64)": torch.arange(T) % 64 + 1}
+
+    def block(x, slot, how):
+        gate_up = x @ w_gu.t()
+        act = torch.nn.functional.silu(gate_up[:, :I]) * gate_up[:, I:]
+        if how == "opaque op":
+            torch.ops.roast_vllm.steer_mlp_act(act, gate_up[:, I:], t_mlp, slot, scale)
+        elif how == "traced":
+            act = steer_mlp_act_ref(act, gate_up[:, I:], t_mlp, slot, scale)
+        h = act @ w_down.t()
+        if how == "opaque op":
+            torch.ops.roast_vllm.steer_apply(h, t_res, slot, scale, False)
+        elif how == "traced":
+            h = steer_apply_ref(h, t_res, slot, scale)
+        z = h + res
+        return z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fns = {}
+        for how in ("stock", "opaque op", "traced"):
+            f = torch.compile(lambda x, slot, how=how: block(x, slot, how), fullgraph=True, dynamic=False)
+            for name, slot in slots.items():
+                if how == "stock" and name != "none":
+                    continue
+                fns[(how, name)] = (f, slot)
+        want = {name: block(x, slot, "traced") for name, slot in slots.items()}  # eager
+        for (_, name), (f, slot) in fns.items():
+            torch.testing.assert_close(f(x, slot), want[name], atol=1e-4, rtol=1e-4)
+        times: dict = {key: [] for key in fns}
+        for r in range(rounds):
+            keys = list(fns)
+            for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
+                f, slot = fns[key]
+                ts = []
+                for _ in range(calls):
+                    t = time.perf_counter()
+                    f(x, slot)
+                    ts.append(time.perf_counter() - t)
+                times[key].append(sorted(ts)[calls // 2])
+    finally:
+        torch.set_num_threads(threads)
+    base = sorted(times[("stock", "none")])[rounds // 2]
+    print(f"MLP block [{T} tokens, H {H}, I {I}] fp32 compiled by inductor, 1 thread; paths agree")
+    out = []
+    for (how, name), ts in times.items():
+        s = sorted(ts)[rounds // 2]
+        out.append(_result("mlp block (compiled)", f"{how}, {name} steered", dev, f"T{T} H{H} I{I} fp32", s))
+        print(f"  {how:<10} {name:<13} steered {s * 1e6:9.1f} us  ({s / base:.3f} x stock)")
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=576)
@@ -143,6 +219,7 @@ def main(argv=None) -> None:
         print(f"  {name:<14} {s * 1e6:9.1f} us")
     rows += bench_apply_rows(dev, args.repeats, gen)
     rows += bench_mlp_act(dev, args.repeats, gen)
+    rows += bench_compiled_block(dev, gen)
     if dev != "cuda":
         print(
             "\nTriton timings need a CUDA GPU; none here, so only the torch paths were timed. "

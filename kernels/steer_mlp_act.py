@@ -21,8 +21,10 @@ Layers, as in ``steer_apply``: Triton kernel -> launcher ``steer_mlp_act_triton`
 op ``torch.ops.roast_vllm.steer_mlp_act`` -> ``steer_mlp_act``. ``steer_mlp_act_ref`` is the
 pure-torch reference the tests compare against; ``steer_mlp_act_rows`` is the torch path off
 CUDA (steered rows only; nothing but a scan of ``slot`` when no token is steered). Under
-torch.compile the op is always the opaque custom op, on CPU too, so an unsteered step skips
-the work at run time instead of running it baked into the graph.
+torch.compile the op is the opaque custom op on CUDA; on CPU the reference is traced and
+inductor fuses it into the loop that computes ``act = SiLU(g) * up`` (it already reads
+``up`` and writes ``act``): the correction costs one gathered table row per token, read from
+cache, and no pass of its own (see ``steer_apply``).
 """
 
 from __future__ import annotations
@@ -169,20 +171,23 @@ def steer_mlp_act_triton(
 def steer_mlp_act(
     act: torch.Tensor, up: torch.Tensor, table: torch.Tensor, slot: torch.Tensor, scale: torch.Tensor
 ) -> torch.Tensor:
-    """In-place ``act += scale[slot] * table[slot] * up`` on steered rows: Triton on CUDA,
-    torch elsewhere (steered rows only). Under torch.compile always the opaque custom op.
-    Returns ``act``."""
-    if use_triton(act) or torch.compiler.is_compiling():
+    """In-place ``act += scale[slot] * table[slot] * up`` on steered rows; returns ``act``.
+    On CUDA the opaque custom op (Triton); traced by torch.compile off CUDA the reference,
+    which inductor fuses into the SiluAndMul loop that computes ``act`` (no extra pass);
+    eager off CUDA ``steer_mlp_act_rows`` (steered rows only)."""
+    if use_triton(act):
         torch.ops.roast_vllm.steer_mlp_act(act, up, table, slot, scale)
         return act
+    if torch.compiler.is_compiling():
+        return steer_mlp_act_ref(act, up, table, slot, scale)
     return steer_mlp_act_rows(act, up, table, slot, scale)
 
 
 @functools.cache
 def register_custom_op() -> None:
     """``torch.ops.roast_vllm.steer_mlp_act``: an opaque, in-place op that torch.compile (and
-    so vLLM's compiled graph) holds as one call: the Triton launch on CUDA,
-    ``steer_mlp_act_rows`` elsewhere."""
+    so vLLM's compiled graph and CUDA graph) holds as one call: the Triton launch on CUDA,
+    ``steer_mlp_act_rows`` on CPU tensors (compiled CPU graphs trace the reference)."""
 
     def _op(
         act: torch.Tensor, up: torch.Tensor, table: torch.Tensor, slot: torch.Tensor, scale: torch.Tensor

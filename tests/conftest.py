@@ -73,7 +73,15 @@ TIE_NATS = 0.13 if TORCH_DTYPE == torch.bfloat16 else 0.01
 
 
 def pytest_configure(config):
+    import signal
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # A suite started in the background (`make test &`, nohup) inherits SIGINT ignored, and
+    # so would every process the tests start: the Ctrl-C tests would then send a signal the
+    # CLI never sees. Python's own handler here means children start with SIGINT default
+    # (exec resets caught signals, not ignored ones), as under a terminal.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

@@ -32,18 +32,21 @@ Why this layout: inside the compiled graph each layer does one fused gather-add,
 ``roast_vllm.kernels.steer_apply`` op: Triton on CUDA, torch on CPU), reading tensors that
 are updated in place, so torch.compile never bakes a vector or a batch composition into the
 graph, and any mix of requests (steered or not, prefill chunks and decodes) runs in one
-batch. Rows whose slot is 0 are left untouched, bit for bit. A compiled graph (and a CUDA
-graph) holds the op as one opaque call that decides from ``token_slot`` at run time: on
-CUDA an unsteered token costs its kernel program one slot read, on CPU an unsteered step
-costs one scan of ``token_slot`` per op; eager steps with no steered row skip the call.
+batch. Rows whose slot is 0 are left untouched, bit for bit. On CUDA a compiled graph
+(and the CUDA graph replaying it) holds the op as one opaque call that decides from
+``token_slot`` at run time: an unsteered token costs its kernel program one slot read. On
+CPU the compiled graph traces the reference instead, and inductor fuses the gather-add into
+the loop that already reads the tensor (the next residual add and RMSNorm; for ``mlp_act``
+the SiluAndMul loop), so it costs no pass of its own, steered or not; eager steps with no
+steered row skip the call.
 
 ``mlp_act`` steering adds ``delta`` to SiLU(gate) before the multiply by ``up``; since
 ``(SiLU(g) + delta) * up = SiluAndMul(g, up) + delta * up``, the stock fused activation
 stays and one fused op adds ``scale[s] * mlp_table[l, s] * up[t]`` to steered tokens
 only (``roast_vllm.kernels.steer_mlp_act``); unsteered tokens are not touched.
 Each site's op reads its own per-token slots: a token steered at one site is slot 0 for
-the other site's op, which so skips it (on CPU the other op's call is one scan of an
-all-zero ``mlp_token_slot``, not a pass over rows whose table row is zero).
+the other site's op, which so skips it (on CUDA and in eager steps; traced on CPU both
+sites' selects are fused into loops that run anyway).
 
 Fusion Steering (``steer_mode="fusion"``): a Fusion slot's table rows hold ``c_l * r_l``
 (never read by ``steer_apply``: its tokens get residual slot 0) and ``fusion_coef`` its
@@ -798,8 +801,8 @@ class SteeringState(nn.Module):
         return not steered
 
     def apply(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        """Steer ``h [n, H]`` (the stream after ``layer``) in place; in a compiled graph one
-        opaque op call that reads the live buffers."""
+        """Steer ``h [n, H]`` (the stream after ``layer``) in place; compiled, it reads the
+        live buffers (one opaque op call on CUDA; traced and fused on CPU)."""
         if self._eager_skip(h, self.step_steered_residual):
             return h
         return steer_apply(h, self.table[layer], self.token_slot[: h.shape[0]], self.slot_scale)

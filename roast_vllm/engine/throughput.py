@@ -410,14 +410,14 @@ def write_results(rows: list[dict], runs: list[dict], meta: dict, out: Path, ste
     ax.axvline(0.97, color="r", ls="--", lw=0.8, label="0.97 goal (K=64)")
     ax.set_xlim(0.5, 1.6)
     ax.set_xlabel(
-        f"throughput / stock vLLM, same {meta.get('unit', 'engine pairs').rstrip('s')} (bar: median; "
-        "whiskers: min-max; dots: repeats; "
-        "diamond: order-balanced)",
+        f"throughput / stock vLLM, same {meta.get('unit', 'engine pairs').rstrip('s')}\n(bar: median; "
+        "whiskers: min-max; dots: repeats; diamond: order-balanced"
+        + ("; x: worker CPU-time ratio)" if any("cpu_ratio" in r for r in rr) else ")"),
         fontsize=8,
     )
     ax.set_title(
-        f"roast-vllm vs stock vLLM, {meta['mode']} mode, {meta['num_prompts']} prompts x "
-        f"{meta['max_tokens']} tokens, {meta['repeats']} {meta.get('unit', 'engine pairs')}, {meta['device']}",
+        f"roast-vllm vs stock vLLM, {meta['mode']} mode, {meta['device']}\n{meta['num_prompts']} prompts x "
+        f"{meta['max_tokens']} tokens, {meta['repeats']} {meta.get('unit', 'engine pairs')}",
         fontsize=9,
     )
     ax.legend(loc="lower right", fontsize=8)

@@ -40,6 +40,19 @@ def run_isolated(code: str, *args: str, timeout: int = 300) -> str:
     return r.stdout
 
 
+def compiled_cpu(fn, *args):
+    """``(out, kernels, src)``: ``fn(*args)`` compiled by inductor (fullgraph) on CPU, the
+    number of C++ kernels in its generated code (each a pass over its tensors) and that
+    code. A fresh dynamo cache first, so nothing is reused from an earlier test."""
+    import torch
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    out, code = run_and_get_code(torch.compile(fn, backend="inductor", fullgraph=True), *args)
+    src = "\n".join(code)
+    return out, src.count("async_compile.cpp_pybinding("), src
+
+
 def aten_ops():
     """A dispatch mode that records the name of every aten op run under it (``.ops``): to
     check what a path does, e.g. that an unsteered step only scans the slots."""

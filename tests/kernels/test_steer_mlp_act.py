@@ -215,46 +215,64 @@ def test_dispatch_takes_each_path(launches, row_calls):
     assert not torch.equal(by_triton, act)
 
 
-def _compiled_mlp(gate_up, table, slot, scale):
+def _compiled_mlp(gate_up, table, slot, scale, steer=True):
     # as in the steered MLP: the op corrects SiluAndMul's output with the view up = gate_up[:, I:]
     width = gate_up.shape[-1] // 2
     act = torch.nn.functional.silu(gate_up[:, :width]) * gate_up[:, width:]
-    steer_mlp_act(act, gate_up[:, width:], table, slot, scale)
+    if steer:
+        act = steer_mlp_act(act, gate_up[:, width:], table, slot, scale)
     return act * 3.0
 
 
-@pytest.mark.parametrize("triton_path", [True, False], ids=["triton-custom-op", "cpu-custom-op"])
-def test_inside_inductor(launches, row_calls, triton_path):
-    """The engine's CUDA path (the in-place custom op holding the Triton launch, here under
-    Triton's interpreter) and its CPU path (the same custom op running the rows path), each
-    inside an inductor-compiled graph, against the reference run eagerly. The op steers the
-    graph's buffer in place (no copy of ``act``); unsteered, the CPU path skips the work."""
-    from torch._inductor.utils import run_and_get_code
-
+def _mlp_case():
     T, I = 7, 769
     _, gate_up, _, table, slot, scale = make(T, I, torch.float32)
     gate_up = gate_up.clamp(-8, 8).nan_to_num()  # finite: the plain act below reads every row
     plain = torch.nn.functional.silu(gate_up[:, :I]) * gate_up[:, I:]
     want = steer_mlp_act_ref(plain.clone(), gate_up[:, I:], table, slot, scale) * 3.0
+    return gate_up, table, slot, scale, plain, want
+
+
+def test_triton_custom_op_inside_inductor(launches, row_calls):
+    """The engine's CUDA path: the in-place custom op holding the Triton launch (here under
+    Triton's interpreter on CPU tensors) inside an inductor-compiled graph, against the
+    reference run eagerly. The op steers the graph's buffer in place (no copy of ``act``)."""
+    from torch._inductor.utils import run_and_get_code
+
+    gate_up, table, slot, scale, plain, want = _mlp_case()
     torch._dynamo.reset()
     f = torch.compile(_compiled_mlp, backend="inductor", fullgraph=True)
-    if triton_path:
-        with triton_on_cpu():
-            out, code = run_and_get_code(f, gate_up, table, slot, scale)
-    else:
+    with triton_on_cpu():
         out, code = run_and_get_code(f, gate_up, table, slot, scale)
     src = "\n".join(code)
     assert "roast_vllm.steer_mlp_act" in src
     assert "clone" not in src and "copy_" not in src, src
-    assert len(launches) == int(triton_path) and len(row_calls) == int(not triton_path)
+    assert len(launches) == 1 and row_calls == []
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     busy = slot != 0
     assert not torch.allclose(out[busy], plain[busy] * 3.0, atol=1e-3), "steered rows must change"
     torch.testing.assert_close(out[~busy], plain[~busy] * 3.0, atol=1e-6, rtol=1e-6)
-    if not triton_path:
-        out0 = f(gate_up, table, torch.zeros_like(slot), scale)
-        assert len(row_calls) == 2
-        torch.testing.assert_close(out0, plain * 3.0, atol=1e-6, rtol=1e-6)
+
+
+def test_cpu_compile_traces_the_reference_fused(launches, row_calls):
+    """The engine's CPU path in compile mode: the reference traced into the graph and fused
+    by inductor into the SiluAndMul loop (no op call and no kernel of its own: the
+    correction adds no pass over ``[T, I]``); steered rows match the reference run eagerly,
+    unsteered rows are bit-identical to the graph without steering, and so is everything
+    when no token is steered."""
+    from conftest import compiled_cpu
+
+    gate_up, table, slot, scale, plain, want = _mlp_case()
+    base, k_plain, _ = compiled_cpu(lambda *a: _compiled_mlp(*a, steer=False), gate_up, table, slot, scale)
+    out, k_steer, src = compiled_cpu(_compiled_mlp, gate_up, table, slot, scale)
+    assert "roast_vllm.steer_mlp_act" not in src and launches == [] and row_calls == []
+    assert k_steer == k_plain, f"steering added {k_steer - k_plain} kernel(s) (passes)"
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    busy = slot != 0
+    assert not torch.allclose(out[busy], plain[busy] * 3.0, atol=1e-3), "steered rows must change"
+    assert torch.equal(bits(out[~busy]), bits(base[~busy])), "slot-0 rows must be untouched"
+    out0, _, _ = compiled_cpu(_compiled_mlp, gate_up, table, torch.zeros_like(slot), scale)
+    assert torch.equal(bits(out0), bits(base))
 
 
 def test_reference_traces_without_graph_breaks():
