@@ -250,10 +250,8 @@ def concept_vectors(
         else:
             means[key[1]] = result["sum"] / result["n"]
     out: dict[str, dict[str, SteeringVector]] = {}
+    prov = {c: {"concept": c, "threshold": labels.threshold, "instructions": len(sets[c][0])} for c in sets}
     for e in ests:
-        prov = {
-            c: {"concept": c, "threshold": labels.threshold, "instructions": len(sets[c][0])} for c in sets
-        }
         out.update(e.vectors(prov))
     for name in caa:
         out[name] = caa_from_means(cs, means, layers, num_layers, str(model), len(ins))

@@ -40,17 +40,19 @@ def run_isolated(code: str, *args: str, timeout: int = 300) -> str:
     return r.stdout
 
 
-def compiled_cpu(fn, *args):
-    """``(out, kernels, src)``: ``fn(*args)`` compiled by inductor (fullgraph) on CPU, the
-    number of C++ kernels in its generated code (each a pass over its tensors) and that
-    code. A fresh dynamo cache first, so nothing is reused from an earlier test."""
+def compile_and_run(fn, *args):
+    """``(f, out, src, cpp_kernels)``: ``f`` = ``fn`` compiled by inductor (fullgraph, after
+    a fresh dynamo cache, so nothing is reused from an earlier test), ``out = f(*args)``,
+    the generated code and the number of C++ kernels in it (each a pass over its tensors).
+    Call ``f`` again to rerun the same compiled graph."""
     import torch
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
-    out, code = run_and_get_code(torch.compile(fn, backend="inductor", fullgraph=True), *args)
+    f = torch.compile(fn, backend="inductor", fullgraph=True)
+    out, code = run_and_get_code(f, *args)
     src = "\n".join(code)
-    return out, src.count("async_compile.cpp_pybinding("), src
+    return f, out, src, src.count("async_compile.cpp_pybinding(")
 
 
 def aten_ops():

@@ -175,19 +175,16 @@ def _compiled_step(x, res, table, coef, msum, meta):
 def test_custom_op_inside_inductor(count_launches, triton):
     """The op as the engine runs it in compile mode: opaque in the graph, mutating both the
     graph's buffer and the running sums; on CUDA the Triton launch (here interpreted)."""
-    from torch._inductor.utils import run_and_get_code
+    from conftest import compile_and_run
 
     launches = count_launches(mod, "fusion_mean_triton")
     h, res, table, coef, msum, meta = make(576, torch.float32, SEGS["mixed"])
     want_m = msum.clone()
     want = fusion_mean_ref(h.clone() * 2.0, res, table, coef, want_m, meta)
-    torch._dynamo.reset()
     m = torch.stack([msum, msum.clone()])  # [L = 2, K, H]; the op updates layer 1
     ctx = triton_on_cpu() if triton else torch.no_grad()
     with ctx:
-        f = torch.compile(_compiled_step, backend="inductor", fullgraph=True)
-        out, code = run_and_get_code(f, h.clone(), res, table, coef, m, meta)
-    src = "\n".join(code)
+        _, out, src, _ = compile_and_run(_compiled_step, h.clone(), res, table, coef, m, meta)
     assert "roast_vllm.fusion_mean" in src
     # the running sums are updated where they live: no clone of the buffer, no copy back
     assert "clone" not in src and "copy_" not in src, src

@@ -196,15 +196,13 @@ def _compiled_step(x, table, slot, scale):
 def test_custom_op_triton_path_inside_inductor(launches, dtype):
     """The engine's CUDA path: the in-place custom op holding the Triton launch, inside an
     inductor-compiled graph; here on CPU tensors under Triton's interpreter."""
-    from torch._inductor.utils import run_and_get_code
+    from conftest import compile_and_run
 
     h, table, slot, scale = make(63, 576, dtype)
     want = steer_apply_ref(h.clone() * 2.0, table, slot, scale)
-    torch._dynamo.reset()
     with triton_on_cpu():
-        f = torch.compile(_compiled_step, backend="inductor", fullgraph=True)
-        out, code = run_and_get_code(f, h.clone(), table, slot, scale)
-    assert "roast_vllm.steer_apply" in "\n".join(code), "the custom op must be in the compiled graph"
+        _, out, src, _ = compile_and_run(_compiled_step, h.clone(), table, slot, scale)
+    assert "roast_vllm.steer_apply" in src, "the custom op must be in the compiled graph"
     assert len(launches) == 1, "the Triton launcher must run (not the reference)"
     torch.testing.assert_close(out.float(), want.float(), **TOL[dtype])
     idle = slot == 0
@@ -229,12 +227,14 @@ def test_cpu_compile_traces_the_reference_fused(launches, row_calls):
     kernel of its own, so no extra pass over ``h``, steered or not); unsteered rows are
     bit-identical to the graph without steering, steered rows match the reference run
     eagerly, and with no steered token the whole output equals the unsteered graph's."""
-    from conftest import compiled_cpu
+    from conftest import compile_and_run
 
     h, table, slot, scale = make(63, 576, torch.float32)
     r = torch.randn_like(h)
-    plain, k_plain, _ = compiled_cpu(lambda *a: _layer_then_norm(*a, steer=False), h, r, table, slot, scale)
-    out, k_steer, src = compiled_cpu(_layer_then_norm, h, r, table, slot, scale)
+    _, plain, _, k_plain = compile_and_run(
+        lambda *a: _layer_then_norm(*a, steer=False), h, r, table, slot, scale
+    )
+    f, out, src, k_steer = compile_and_run(_layer_then_norm, h, r, table, slot, scale)
     assert "roast_vllm.steer_apply" not in src and launches == [] and row_calls == []
     assert k_steer == k_plain, f"steering added {k_steer - k_plain} kernel(s) (passes)"
     y = steer_apply_ref(h * 2.0, table, slot, scale) + r
@@ -243,8 +243,7 @@ def test_cpu_compile_traces_the_reference_fused(launches, row_calls):
     idle = slot == 0
     assert torch.equal(bits(out[idle]), bits(plain[idle])), "slot-0 rows must be untouched"
     assert not torch.allclose(out[~idle], plain[~idle], atol=1e-3), "steered rows must change"
-    zero = torch.zeros_like(slot)
-    out0, _, _ = compiled_cpu(_layer_then_norm, h, r, table, zero, scale)
+    out0 = f(h, r, table, torch.zeros_like(slot), scale)  # the same compiled graph
     assert torch.equal(bits(out0), bits(plain))
 
 

@@ -237,14 +237,11 @@ def test_triton_custom_op_inside_inductor(launches, row_calls):
     """The engine's CUDA path: the in-place custom op holding the Triton launch (here under
     Triton's interpreter on CPU tensors) inside an inductor-compiled graph, against the
     reference run eagerly. The op steers the graph's buffer in place (no copy of ``act``)."""
-    from torch._inductor.utils import run_and_get_code
+    from conftest import compile_and_run
 
     gate_up, table, slot, scale, plain, want = _mlp_case()
-    torch._dynamo.reset()
-    f = torch.compile(_compiled_mlp, backend="inductor", fullgraph=True)
     with triton_on_cpu():
-        out, code = run_and_get_code(f, gate_up, table, slot, scale)
-    src = "\n".join(code)
+        _, out, src, _ = compile_and_run(_compiled_mlp, gate_up, table, slot, scale)
     assert "roast_vllm.steer_mlp_act" in src
     assert "clone" not in src and "copy_" not in src, src
     assert len(launches) == 1 and row_calls == []
@@ -260,18 +257,20 @@ def test_cpu_compile_traces_the_reference_fused(launches, row_calls):
     correction adds no pass over ``[T, I]``); steered rows match the reference run eagerly,
     unsteered rows are bit-identical to the graph without steering, and so is everything
     when no token is steered."""
-    from conftest import compiled_cpu
+    from conftest import compile_and_run
 
     gate_up, table, slot, scale, plain, want = _mlp_case()
-    base, k_plain, _ = compiled_cpu(lambda *a: _compiled_mlp(*a, steer=False), gate_up, table, slot, scale)
-    out, k_steer, src = compiled_cpu(_compiled_mlp, gate_up, table, slot, scale)
+    _, base, _, k_plain = compile_and_run(
+        lambda *a: _compiled_mlp(*a, steer=False), gate_up, table, slot, scale
+    )
+    f, out, src, k_steer = compile_and_run(_compiled_mlp, gate_up, table, slot, scale)
     assert "roast_vllm.steer_mlp_act" not in src and launches == [] and row_calls == []
     assert k_steer == k_plain, f"steering added {k_steer - k_plain} kernel(s) (passes)"
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     busy = slot != 0
     assert not torch.allclose(out[busy], plain[busy] * 3.0, atol=1e-3), "steered rows must change"
     assert torch.equal(bits(out[~busy]), bits(base[~busy])), "slot-0 rows must be untouched"
-    out0, _, _ = compiled_cpu(_compiled_mlp, gate_up, table, torch.zeros_like(slot), scale)
+    out0 = f(gate_up, table, torch.zeros_like(slot), scale)  # the same compiled graph
     assert torch.equal(bits(out0), bits(base))
 
 
